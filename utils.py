@@ -14,12 +14,12 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from performer_pytorch.errors import ScbertError
+
+__all__ = ["PREPROCESS_UNS_KEY", "ScbertError", "atomic_write_bytes", "run_cli", "str2bool", "tokenize"]
+
 # Key under which preprocess.py records what it did; later scripts read it to check their input.
 PREPROCESS_UNS_KEY = "scbert_preprocess"
-
-
-class ScbertError(Exception):
-    """A problem with the user's input or setup; its message names the problem and the fix in one sentence."""
 
 
 def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:

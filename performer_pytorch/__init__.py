@@ -1,0 +1,43 @@
+"""scBERT's Performer model, its heads and its checkpoint reader."""
+
+from .checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    build_model,
+    checkpoint_payload,
+    load_checkpoint,
+    save_checkpoint,
+)
+from .errors import ScbertError
+from .performer_pytorch import (
+    ClassificationHead,
+    FastAttention,
+    Gene2VecPositionalEmbedding,
+    Performer,
+    PerformerLM,
+    SelfAttention,
+    gaussian_orthogonal_random_matrix,
+    generalized_kernel,
+    linear_attention,
+    softmax_kernel,
+)
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "build_model",
+    "checkpoint_payload",
+    "load_checkpoint",
+    "save_checkpoint",
+    "ClassificationHead",
+    "FastAttention",
+    "Gene2VecPositionalEmbedding",
+    "Performer",
+    "PerformerLM",
+    "ScbertError",
+    "SelfAttention",
+    "gaussian_orthogonal_random_matrix",
+    "generalized_kernel",
+    "linear_attention",
+    "softmax_kernel",
+]

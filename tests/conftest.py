@@ -1,0 +1,35 @@
+"""Shared test fixtures: the reference fixture from ../shared and tiny models."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+REFERENCE = SHARED / "reference" / "scbert_reference_small.pt"
+LAYOUT = SHARED / "reference" / "scbert_state_dict_layout.json"
+
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# Tests are small; two threads match the CI machine and keep runs comparable.
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def reference():
+    """Outputs of the reference implementation for given weights and tokens (SPEC section 9)."""
+    if not REFERENCE.exists():
+        pytest.fail(f"the reference fixture {REFERENCE} is missing: CI provides ../shared beside the checkout")
+    return torch.load(REFERENCE, weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def reference_lm_state_dict(reference):
+    """The pretraining checkpoint built from the fine-tuned one: `to_out.*` replaced by the LM head."""
+    finetuned = reference["finetune_checkpoint"]["model_state_dict"]
+    state = {k: v for k, v in finetuned.items() if not k.startswith("to_out.")}
+    state.update(reference["lm_head"])
+    return state
