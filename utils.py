@@ -70,3 +70,81 @@ def tokenize(values: np.ndarray | sp.spmatrix | torch.Tensor, bin_num: int = 5) 
     tokens = torch.clamp(torch.floor(tensor.float()), min=0, max=bin_num).long()
     tokens = torch.cat([tokens, torch.zeros(tokens.shape[0], 1, dtype=torch.long)], dim=1)
     return tokens[0] if single else tokens
+
+
+def check_gene_order(data_genes: Sequence[str], model_genes: Sequence[str], *, data_name: str, fix: str) -> None:
+    """Refuse data whose genes are not the model's genes in the model's order, saying where they first differ."""
+    data_genes, model_genes = list(map(str, data_genes)), list(map(str, model_genes))
+    if data_genes == model_genes:
+        return
+    missing = len(set(model_genes) - set(data_genes))
+    first = next((i for i, (a, b) in enumerate(zip(data_genes, model_genes, strict=False)) if a != b), None)
+    where = (
+        f"first difference at position {first}: {data_genes[first]!r} vs {model_genes[first]!r}"
+        if first is not None
+        else "one list is a prefix of the other"
+    )
+    raise ScbertError(
+        f"the genes of {data_name} ({len(data_genes)}) are not the model's {len(model_genes)} genes in order "
+        f"({missing} missing, {where}): {fix}"
+    )
+
+
+def looks_like_counts(data: np.ndarray) -> bool:
+    """True when stored values are all whole numbers with some large ones: raw counts, not log2(1 + CP10K)."""
+    if data.size == 0:
+        return False
+    sample = data[: 1_000_000]
+    return bool(np.all(sample == np.round(sample)) and sample.max() > 30)
+
+
+def read_preprocessed(path: str, *, genes: Sequence[str] | None = None, fix_genes: str | None = None):
+    """Read a preprocess.py output: AnnData with X as CSR float32 log2(1 + CP10K) values, checked.
+
+    genes: when given, `var_names` must be exactly these genes in this order (the model's).
+    Raises ScbertError for a missing/unreadable file, NaN/inf values, raw counts, negative values, or other genes.
+    """
+    import anndata as ad
+
+    if not os.path.isfile(path):
+        raise ScbertError(f"data file {path!r} does not exist: check --data_path")
+    try:
+        adata = ad.read_h5ad(path)
+    except Exception as err:  # h5py and anndata raise many types for foreign files
+        raise ScbertError(
+            f"could not read {path!r} as an .h5ad file ({type(err).__name__}): pass the output of preprocess.py"
+        ) from err
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise ScbertError(f"{path!r} holds no cells or no genes ({adata.n_obs} x {adata.n_vars}): check the input")
+    matrix = adata.X
+    if matrix is None:
+        raise ScbertError(f"{path!r} has no expression matrix in X: pass the output of preprocess.py")
+    matrix = sp.csr_matrix(matrix, dtype=np.float32) if not sp.isspmatrix_csr(matrix) else matrix.astype(np.float32)
+    adata.X = matrix
+    values = matrix.data
+    if not np.isfinite(values).all():
+        raise ScbertError(f"{path!r} contains NaN or infinite expression values: fix the input and rerun preprocess.py")
+    if values.size and values.min() < 0:
+        raise ScbertError(
+            f"{path!r} contains negative expression values (scaled data?): scBERT needs log2(1 + CP10K) values from "
+            "preprocess.py"
+        )
+    if looks_like_counts(values):
+        raise ScbertError(
+            f"{path!r} holds raw counts (whole numbers up to {values.max():.0f}) where log-normalised values are "
+            "expected: run preprocess.py on it first"
+        )
+    if PREPROCESS_UNS_KEY not in adata.uns:
+        print(
+            f"warning: {path!r} was not written by preprocess.py; assuming X holds log2(1 + CP10K) values over the "
+            "model's genes",
+            file=sys.stderr,
+        )
+    if genes is not None:
+        check_gene_order(
+            adata.var_names,
+            genes,
+            data_name=repr(path),
+            fix=fix_genes or "run preprocess.py with --ref <checkpoint> so the data use the model's gene list",
+        )
+    return adata
