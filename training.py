@@ -61,6 +61,7 @@ __all__ = [
     "build_loader",
     "build_model_from_args",
     "check_gene_num",
+    "check_model_flags",
     "cleanup_distributed",
     "cosine_warmup_restarts_lr",
     "epoch_checkpoint_path",
@@ -549,6 +550,20 @@ def check_checkpoint_genes(
                      fix=f"preprocess the data with --ref {path} so they use the checkpoint's gene list")
 
 
+def check_model_flags(args: argparse.Namespace, config: dict[str, Any], path: str) -> None:
+    """The model-size flags must describe the checkpoint being resumed (rerunning the same command does)."""
+    wanted = {"dim": args.dim, "depth": args.depth, "heads": args.heads, "dim_head": args.dim_head,
+              "g2v_position_emb": args.pos_embed, "num_tokens": args.bin_num + 2, "max_seq_len": args.gene_num + 1}
+    flag = {"g2v_position_emb": "--pos_embed", "num_tokens": "--bin_num (+2)", "max_seq_len": "--gene_num (+1)"}
+    differing = [k for k, v in wanted.items() if k in config and config[k] != v]
+    if differing:
+        detail = ", ".join(f"{flag.get(k, '--' + k)} {wanted[k]} vs {config[k]}" for k in differing)
+        raise ScbertError(
+            f"the flags differ from the run saved in {path!r} ({detail}): rerun with that run's flags to resume it, "
+            "or pass another --model_name (or --resume False in another --ckpt_dir) to start a separate run"
+        )
+
+
 def wrap_model(model: torch.nn.Module, ctx: DistContext, **ddp_kwargs: Any) -> torch.nn.Module:
     """Move to the device; wrap in DistributedDataParallel when distributed (DDP kwargs passed through)."""
     model = model.to(ctx.device)
@@ -796,16 +811,17 @@ def train_one_epoch(
             _accumulate(totals, stats)
             if ctx.is_main:
                 elapsed = time.perf_counter() - start
-                bar.set_postfix(loss=f"{float(loss):.4f}", cells_s=f"{cells * ctx.world_size / elapsed:.1f}",
+                bar.set_postfix(loss=f"{float(loss.detach()):.4f}", cells_s=f"{cells * ctx.world_size / elapsed:.1f}",
                                 refresh=False)
                 bar.update(1)
     finally:
         bar.close()
     elapsed = time.perf_counter() - start
-    local = {"loss_sum": loss_sum, "steps": n_steps, "cells": cells, **totals}
+    # The loop's own totals travel under names a loss_fn's stats cannot take.
+    local = {"__loss": loss_sum, "__steps": n_steps, "__cells": cells, **totals}
     summed = reduce_sum({k: float(v) for k, v in local.items()}, ctx)
-    steps = max(summed.pop("steps"), 1)
-    out = {"loss": summed.pop("loss_sum") / steps, "cells": summed.pop("cells"), "steps": steps / ctx.world_size,
+    steps = max(summed.pop("__steps"), 1)
+    out = {"loss": summed.pop("__loss") / steps, "cells": summed.pop("__cells"), "steps": steps / ctx.world_size,
            "time": elapsed}
     out["cells_per_s"] = out["cells"] / elapsed if elapsed > 0 else float("nan")
     out.update(summed)
@@ -854,9 +870,22 @@ def evaluate(
                     _accumulate(sums, {key: value})
     finally:
         core.train(was_training)
-    # Ranks may have seen no batch at all (more ranks than cells): agree on the keys before collective calls.
-    summed = reduce_sum({"cells": cells, **{k: float(v) for k, v in sums.items()}}, ctx)
+    if ctx.distributed:
+        # A rank may have seen no batch at all (fewer cells than ranks): agree on keys, shapes and dtypes first, so
+        # every rank makes the same collective calls.
+        mine = (sorted(sums), {k: (tuple(v[0].shape[1:]), str(v[0].dtype)) for k, v in parts.items()})
+        everyone: list[Any] = [None] * ctx.world_size
+        dist.all_gather_object(everyone, mine)
+        for keys, shapes in everyone:
+            for key in keys:
+                sums.setdefault(key, 0.0)
+            for key, (shape, dtype) in shapes.items():
+                if key not in parts:
+                    parts[key] = [torch.empty((0, *shape), dtype=getattr(torch, dtype.removeprefix("torch.")),
+                                              device=ctx.device)]
+    summed = reduce_sum({"__cells": cells, **{k: float(v) for k, v in sums.items()}}, ctx)
     result: dict[str, Any] = dict(summed)
+    result["cells"] = result.pop("__cells")
     for key in sorted(parts):
         result[key] = gather_tensors(torch.cat(parts[key]), ctx)
     if "index" in parts:

@@ -1,0 +1,231 @@
+"""Pretrain scBERT by masked expression-bin modelling (SPEC section 3).
+
+Runs as plain `python pretrain.py ...`, under `torchrun --nproc_per_node N pretrain.py ...` or under the legacy
+`python -m torch.distributed.launch`; on CPU (gloo) or GPU (NCCL). A small run that works on a laptop:
+
+    python pretrain.py --data_path data/pbmc_preprocessed.h5ad --gene_num <genes> --pos_embed False \\
+        --dim 32 --depth 2 --heads 2 --dim_head 16 --batch_size 16 --grad_acc 1 --epoch 5 --model_name tiny
+
+Writes, in `--ckpt_dir`: `<model_name>_<epoch>.pth` after every epoch (the reference's keys plus config, genes,
+optimiser, scheduler and random states; rerunning the same command resumes from the last one) and
+`<model_name>_log.jsonl`, one JSON line per epoch with train/valid loss, masked-bin accuracy, the accuracy of
+predicting each cell's most common non-zero bin (the baseline to beat), learning rate and throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from masking import mask_tokens, masked_accuracy, most_common_bin
+from performer_pytorch import load_checkpoint
+from training import (
+    Amp,
+    CellDataset,
+    CosineAnnealingWarmupRestarts,
+    JsonlLogger,
+    build_loader,
+    build_model_from_args,
+    check_model_flags,
+    cleanup_distributed,
+    epoch_checkpoint_path,
+    evaluate,
+    get_common_parser,
+    load_training_data,
+    print0,
+    resolve_log_path,
+    resolve_resume,
+    restore_training_state,
+    save_training_checkpoint,
+    seed_everything,
+    set_loader_epoch,
+    setup_distributed,
+    split_indices,
+    train_one_epoch,
+    unwrap_model,
+    wrap_model,
+)
+from utils import ScbertError, run_cli
+
+VALID_SIZE = 0.05  # SPEC section 3: 5% of cells, train_test_split(test_size=0.05, random_state=seed)
+GRAD_CLIP = 100.0  # SPEC section 3: gradient-norm clip 1e2
+MIN_LR, WARMUP, FIRST_CYCLE, CYCLE_MULT, GAMMA = 1e-6, 5, 15, 2, 0.9  # SPEC section 6
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Pretrain scBERT by predicting masked expression bins of a preprocessed .h5ad.",
+        parents=[get_common_parser()],
+        add_help=add_help,
+    )
+    group = parser.add_argument_group("pretraining")
+    group.add_argument("--mask_prob", type=float, default=0.15,
+                       help="fraction of each cell's non-zero genes chosen for prediction (ceil(p * n) per cell)")
+    group.add_argument("--replace_prob", type=float, default=0.9,
+                       help="fraction of chosen genes replaced by the mask token; the rest are left as they are")
+    group.add_argument("--model_path", type=str, default=None,
+                       help="start from this checkpoint's weights and architecture (continued pretraining); the "
+                            "model-size flags are then taken from the checkpoint")
+    parser.set_defaults(model_name="panglao_pretrain")
+    return parser
+
+
+def masked_lm_loss(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    *,
+    mask_prob: float,
+    replace_prob: float,
+    bin_num: int,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Mask a batch, predict it; loss = cross-entropy averaged over the chosen positions (ignore_index = pad).
+
+    batch["tokens"]: (cells, genes + 1). Returns (loss, {"correct", "masked", "baseline_correct", "loss_sum"}):
+    masked-bin hits (bins 1..bin_num), chosen positions, hits of each cell's most common non-zero bin, and the loss
+    summed over chosen positions.
+    """
+    pad = bin_num + 1
+    tokens = batch["tokens"]
+    inputs, labels, chosen = mask_tokens(tokens, mask_prob=mask_prob, replace_prob=replace_prob,
+                                         mask_token_id=pad, pad_token_id=pad, generator=generator)
+    logits = model(inputs)  # (cells, genes + 1, bin_num + 2)
+    loss_sum = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=pad, reduction="sum")
+    masked = chosen.sum()
+    # A mean over chosen positions; a batch with none (cells without expressed genes) gives 0 instead of NaN.
+    loss = loss_sum / masked.clamp(min=1)
+    correct, _ = masked_accuracy(logits.detach(), labels, chosen, bin_num)
+    baseline = most_common_bin(tokens, bin_num).unsqueeze(1)  # (cells, 1)
+    baseline_correct = ((labels == baseline) & chosen).sum()
+    return loss, {"correct": correct, "masked": masked, "baseline_correct": baseline_correct,
+                  "loss_sum": loss_sum.detach()}
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator else float("nan")
+
+
+def run_pretraining(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Pretrain as the flags say; returns the per-epoch records also written to the JSONL log (on every rank)."""
+    if not 0 < args.mask_prob <= 1 or not 0 <= args.replace_prob <= 1:
+        raise ScbertError("--mask_prob must be in (0, 1] and --replace_prob in [0, 1]: use e.g. 0.15 and 0.9")
+    for flag in ("epoch", "batch_size", "grad_acc", "valid_every"):
+        if getattr(args, flag) < 1:
+            raise ScbertError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    ctx = setup_distributed(args)
+    try:
+        return _pretrain(args, ctx)
+    finally:
+        cleanup_distributed(ctx)
+
+
+def _pretrain(args: argparse.Namespace, ctx) -> list[dict[str, Any]]:
+    amp = Amp(args.amp, ctx.device)
+    resume_path = resolve_resume(args)
+    start_path = resume_path or args.model_path
+    start_genes = load_checkpoint(start_path).genes if start_path else None
+    adata = load_training_data(args, genes=start_genes, genes_source=start_path)
+    genes = [str(g) for g in adata.var_names]
+
+    # Same initial weights on every rank and for any number of ranks; then seed + rank for masking (SPEC 7).
+    torch.manual_seed(args.seed)
+    model = build_model_from_args(args, genes, checkpoint_path=start_path, head="lm")
+    if resume_path and not args.model_path:
+        check_model_flags(args, unwrap_model(model).config, resume_path)
+    seed_everything(args.seed, ctx.rank)
+    model = wrap_model(model, ctx)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate)
+    scheduler = CosineAnnealingWarmupRestarts(optimizer, first_cycle_steps=FIRST_CYCLE, cycle_mult=CYCLE_MULT,
+                                              max_lr=args.learning_rate, min_lr=MIN_LR, warmup_steps=WARMUP,
+                                              gamma=GAMMA)
+    start_epoch = 1
+    if resume_path:
+        payload = restore_training_state(resume_path, model=model, ctx=ctx, genes=genes, optimizer=optimizer,
+                                         scheduler=scheduler, amp=amp)
+        start_epoch = int(payload["epoch"]) + 1
+        print0(f"resuming from {resume_path} (epoch {payload['epoch']} complete); next epoch {start_epoch}", ctx=ctx)
+
+    train_idx, valid_idx = split_indices(adata.n_obs, VALID_SIZE, args.seed)
+    train_set = CellDataset(adata.X, bin_num=args.bin_num, indices=train_idx)
+    valid_set = CellDataset(adata.X, bin_num=args.bin_num, indices=valid_idx)
+    train_loader = build_loader(train_set, batch_size=args.batch_size, ctx=ctx, train=True, seed=args.seed,
+                                num_workers=args.num_workers)
+    valid_loader = build_loader(valid_set, batch_size=args.batch_size, ctx=ctx, train=False,
+                                num_workers=args.num_workers)
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print0(f"pretraining on {ctx.device} x {ctx.world_size}: {len(train_set)} train / {len(valid_set)} valid cells, "
+           f"{len(genes)} genes, {n_params:,} trainable parameters, epochs {start_epoch}..{args.epoch}", ctx=ctx)
+
+    log_path = resolve_log_path(args)
+    logger = JsonlLogger(log_path, ctx)
+    loss_options = dict(mask_prob=args.mask_prob, replace_prob=args.replace_prob, bin_num=args.bin_num)
+    train_loss = functools.partial(masked_lm_loss, **loss_options)
+    records: list[dict[str, Any]] = []
+    last_good = epoch_checkpoint_path(args.ckpt_dir, args.model_name, start_epoch - 1) if start_epoch > 1 else None
+    for epoch in range(start_epoch, args.epoch + 1):
+        set_loader_epoch(train_loader, epoch)
+        lr = scheduler.get_last_lr()[0]
+        train = train_one_epoch(model, train_loader, optimizer, train_loss, ctx=ctx, epoch=epoch,
+                                grad_acc=args.grad_acc, clip_norm=GRAD_CLIP, divide_by_grad_acc=True, amp=amp,
+                                last_good=last_good)
+        record: dict[str, Any] = {
+            "epoch": epoch, "lr": lr, "train_loss": train["loss"],
+            "train_acc": _ratio(train["correct"], train["masked"]),
+            "train_baseline_acc": _ratio(train["baseline_correct"], train["masked"]),
+            "train_cells": int(train["cells"]), "cells_per_s": train["cells_per_s"], "train_time": train["time"],
+        }
+        if epoch % args.valid_every == 0 or epoch == args.epoch:
+            valid = evaluate(model, valid_loader, _valid_step(args, ctx, loss_options), ctx=ctx, amp=amp)
+            record.update({
+                "valid_loss": _ratio(valid["loss_sum"], valid["masked"]),
+                "valid_acc": _ratio(valid["correct"], valid["masked"]),
+                "baseline_acc": _ratio(valid["baseline_correct"], valid["masked"]),
+                "valid_cells": int(valid["cells"]), "valid_masked": int(valid["masked"]),
+                "valid_time": valid["time"],
+            })
+        scheduler.step()
+        path = epoch_checkpoint_path(args.ckpt_dir, args.model_name, epoch)
+        save_training_checkpoint(path, model=model, ctx=ctx, genes=genes, epoch=epoch, optimizer=optimizer,
+                                 scheduler=scheduler, amp=amp, args=args, losses=train["loss"],
+                                 metrics={k: v for k, v in record.items() if isinstance(v, int | float)})
+        last_good = path
+        logger.log(record)
+        records.append(record)
+        print0(_epoch_line(record), ctx=ctx)
+    print0(f"checkpoints in {os.path.abspath(args.ckpt_dir)}, log {os.path.abspath(log_path)}", ctx=ctx)
+    return records
+
+
+def _valid_step(args: argparse.Namespace, ctx, loss_options: dict[str, Any]):
+    # The same masks every epoch (a generator seeded per rank), so validation figures compare across epochs.
+    generator = torch.Generator(device=ctx.device).manual_seed(args.seed + 1_000_003 * (ctx.rank + 1))
+
+    def step(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        _, stats = masked_lm_loss(model, batch, generator=generator, **loss_options)
+        return stats
+
+    return step
+
+
+def _epoch_line(record: dict[str, Any]) -> str:
+    line = (f"epoch {record['epoch']:3d} | lr {record['lr']:.2e} | train loss {record['train_loss']:.4f} "
+            f"masked acc {record['train_acc']:.4f}")
+    if "valid_acc" in record:
+        line += (f" | valid loss {record['valid_loss']:.4f} masked acc {record['valid_acc']:.4f} vs most-common-bin "
+                 f"baseline {record['baseline_acc']:.4f}")
+    return line + f" | {record['cells_per_s']:.1f} cells/s | {record['train_time']:.1f} s"
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    args = get_args_parser().parse_args(argv)
+    return run_pretraining(args)
+
+
+if __name__ == "__main__":
+    run_cli(main)
