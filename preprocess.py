@@ -1,0 +1,796 @@
+"""Raw counts -> scBERT's input: revised gene symbols, aligned to the reference genes, log2(1 + CP10K).
+
+    python preprocess.py --data_path pbmc.h5ad                 # default reference: NCBI protein-coding genes
+    python preprocess.py --data_path filtered_feature_bc_matrix/ --ref panglao_10000.h5ad --out_path pbmc_pp.h5ad
+
+Steps (SPEC section 1), each vectorised on sparse matrices:
+1. read counts: `.h5ad` (X, a layer, or `.raw`: `--counts_from`), a 10x folder (`matrix.mtx(.gz)`, `features.tsv(.gz)`
+   or `genes.tsv(.gz)`, `barcodes.tsv(.gz)`), a 10x `.h5` (v2 or v3), or a `.csv`/`.tsv` table (cells as rows;
+   `--transpose True` for genes as rows); values must be counts (finite, non-negative integers);
+2. revise gene names to current NCBI symbols (`genes.revise_symbols`; Ensembl ids are mapped); unknown and
+   ambiguous names are dropped, duplicates after revision keep the first column or are summed (`--duplicates`);
+3. align to the reference gene order: missing genes are zero, extra genes dropped;
+4. drop cells with fewer than `--min_genes` (200) expressed reference genes;
+5. `normalize_total(target_sum=1e4)` then `log1p(base=2)`, equal to scanpy's.
+
+The output `.h5ad` holds `X` (CSR float32, cells x reference genes), `obs` of the kept cells, `var` = the reference
+genes in order (column `in_input`: whether the data had the gene) and `uns["scbert_preprocess"]` with `params` and
+`summary` (see `preprocess_adata`), which later scripts check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from genes import (
+    AMBIGUOUS,
+    CASE,
+    CURRENT,
+    DEFAULT_REFERENCE,
+    ENSEMBL,
+    SYNONYM,
+    UNKNOWN,
+    GeneTable,
+    detect_identifier_type,
+    load_gene_table,
+    read_reference_genes,
+)
+from utils import PREPROCESS_UNS_KEY, ScbertError, run_cli, str2bool
+
+# Below this share of reference genes found in the data, predictions rest on mostly-zero input: warn.
+LOW_COVERAGE = 0.5
+# Values are checked this many at a time, so the check of a 10^8-value matrix needs no full-size temporary.
+CHECK_CHUNK = 1 << 24
+TABLE_SUFFIXES = (".csv", ".csv.gz", ".tsv", ".tsv.gz", ".txt", ".txt.gz")
+EXAMPLES = 8
+
+
+class PreprocessWarning(UserWarning):
+    """Something the user should look at (low reference coverage, case-insensitive matches); the output is written."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading inputs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _find_file(folder: str, stems: Sequence[str]) -> str | None:
+    for stem in stems:
+        for name in (stem, f"{stem}.gz"):
+            path = os.path.join(folder, name)
+            if os.path.isfile(path):
+                return path
+    return None
+
+
+def _read_tsv_columns(path: str) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path, sep="\t", header=None, dtype=str, keep_default_na=False, quoting=csv.QUOTE_NONE)
+    except pd.errors.EmptyDataError as err:
+        raise ScbertError(f"{path} is empty; a 10x folder needs non-empty features and barcodes files") from err
+
+
+def _gene_expression_only(x: sp.csr_matrix, var: pd.DataFrame) -> tuple[sp.csr_matrix, pd.DataFrame]:
+    """Drop antibody-capture, CRISPR and other non-RNA features of 10x v3 files (when a type column says so)."""
+    if "feature_types" not in var.columns:
+        return x, var
+    mask = (var["feature_types"] == "Gene Expression").to_numpy()
+    if mask.all() or not mask.any():
+        return x, var
+    return x[:, np.flatnonzero(mask)], var.iloc[np.flatnonzero(mask)]
+
+
+def _new_anndata(x, obs_names, var: pd.DataFrame) -> ad.AnnData:
+    obs = pd.DataFrame(index=pd.Index([str(b) for b in obs_names], dtype=object))
+    var = var.copy()
+    var.index = pd.Index([str(g) for g in var.index], dtype=object)
+    with warnings.catch_warnings():
+        # Gene names may repeat in raw files (10x features, symbols); revision resolves them, so no warning here.
+        warnings.filterwarnings("ignore", message=".*names are not unique.*")
+        return ad.AnnData(X=x, obs=obs, var=var)
+
+
+def read_10x_mtx(folder: str) -> ad.AnnData:
+    """A 10x folder: `matrix.mtx(.gz)` (genes x cells), `features.tsv(.gz)` (v3) or `genes.tsv(.gz)` (v2), barcodes.
+
+    Returns cells x genes with var_names = gene symbols and `var["gene_ids"]` = the first column (Ensembl ids).
+    """
+    import scipy.io
+
+    matrix = _find_file(folder, ["matrix.mtx"])
+    features = _find_file(folder, ["features.tsv", "genes.tsv"])
+    barcodes = _find_file(folder, ["barcodes.tsv"])
+    for path, what in (
+        (matrix, "matrix.mtx(.gz)"),
+        (features, "features.tsv(.gz) or genes.tsv(.gz)"),
+        (barcodes, "barcodes.tsv(.gz)"),
+    ):
+        if path is None:
+            raise ScbertError(f"10x folder {folder} has no {what}; pass a folder as written by Cell Ranger")
+    try:
+        x = sp.csr_matrix(scipy.io.mmread(matrix).T)
+    except (ValueError, OSError, EOFError, IndexError) as err:
+        raise ScbertError(f"could not read {matrix} as a Matrix Market file ({err}); is the file complete?") from err
+    feat = _read_tsv_columns(features)
+    cells = _read_tsv_columns(barcodes)[0].tolist()
+    names = feat[1] if feat.shape[1] > 1 else feat[0]
+    var = pd.DataFrame({"gene_ids": feat[0].to_numpy()}, index=names.to_numpy())
+    if feat.shape[1] > 2:
+        var["feature_types"] = feat[2].to_numpy()
+    if x.shape != (len(cells), len(var)):
+        raise ScbertError(
+            f"{matrix} is {x.shape[1]} genes x {x.shape[0]} cells but {features} lists {len(var)} genes and "
+            f"{barcodes} {len(cells)} barcodes; the three files must come from the same run"
+        )
+    x, var = _gene_expression_only(x, var)
+    return _new_anndata(x, cells, var)
+
+
+def _decode(values) -> list[str]:
+    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values]
+
+
+def read_10x_h5(path: str) -> ad.AnnData:
+    """A Cell Ranger `.h5`: v3 (`matrix/` with `features/`) or v2 (one group per genome with `genes`, `gene_names`).
+
+    Returns cells x genes with var_names = gene symbols and `var["gene_ids"]` = Ensembl ids.
+    """
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as fh:
+            if "matrix" in fh:
+                group = fh["matrix"]
+                feats = group["features"]
+                # Probe-based (Flex) files keep the gene's Ensembl id in `gene_id` and a probe id in `id`.
+                ids = feats["gene_id"] if "gene_id" in feats else feats["id"]
+                var = pd.DataFrame({"gene_ids": _decode(ids[:])}, index=_decode(feats["name"][:]))
+                if "feature_type" in feats:
+                    var["feature_types"] = _decode(feats["feature_type"][:])
+            else:
+                genomes = [k for k in fh.keys() if isinstance(fh[k], h5py.Group)]
+                if len(genomes) != 1:
+                    raise ScbertError(
+                        f"{path} is not a 10x .h5 with one genome (groups: {list(fh.keys())}); "
+                        f"pass a Cell Ranger filtered_feature_bc_matrix.h5"
+                    )
+                group = fh[genomes[0]]
+                var = pd.DataFrame({"gene_ids": _decode(group["genes"][:])}, index=_decode(group["gene_names"][:]))
+            n_genes, n_cells = (int(v) for v in group["shape"][:2])
+            x = sp.csr_matrix((group["data"][:], group["indices"][:], group["indptr"][:]), shape=(n_cells, n_genes))
+            cells = _decode(group["barcodes"][:])
+    except ScbertError:
+        raise
+    except (OSError, KeyError, ValueError) as err:
+        raise ScbertError(
+            f"could not read {path} as a 10x Cell Ranger .h5 ({err}); pass a Cell Ranger .h5 file"
+        ) from err
+    if len(var) != n_genes or len(cells) != n_cells:
+        raise ScbertError(
+            f"{path} is inconsistent: shape {n_genes} x {n_cells} but {len(var)} genes and {len(cells)} barcodes; "
+            f"pass an unmodified Cell Ranger .h5"
+        )
+    x, var = _gene_expression_only(x, var)
+    return _new_anndata(x, cells, var)
+
+
+def read_table(path: str, transpose: bool = False) -> ad.AnnData:
+    """A `.csv`/`.tsv` (optionally `.gz`) count table: cells as rows, genes as columns (first column: cell names);
+    `transpose=True` for genes as rows. Gene names are read from the header verbatim (no `.1` suffixes)."""
+    sep = "," if ".csv" in os.path.basename(path).lower() else "\t"
+    try:
+        frame = pd.read_csv(path, sep=sep, index_col=0)
+        header = pd.read_csv(path, sep=sep, header=None, nrows=1, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError as err:
+        raise ScbertError(f"{path} holds no table; pass a count table with a header row of names") from err
+    except (pd.errors.ParserError, UnicodeDecodeError, OSError, EOFError) as err:
+        kind = "comma" if sep == "," else "tab"
+        raise ScbertError(f"could not read {path} as a {kind}-separated table ({err}); check the file") from err
+    if frame.shape[1] == 0 or frame.shape[0] == 0:
+        raise ScbertError(
+            f"{path} has {frame.shape[0]} rows and {frame.shape[1]} value columns after the first (name) column; "
+            f"pass a table with cell names in the first column and one column per gene"
+            + (" (genes as rows with --transpose True)" if transpose else "")
+        )
+    non_numeric = [str(c) for c in frame.columns if not pd.api.types.is_numeric_dtype(frame[c])]
+    if non_numeric:
+        raise ScbertError(
+            f"{path}: columns {non_numeric[:3]} hold non-numeric values; a count table has names in the first "
+            f"column and numbers elsewhere" + ("" if transpose else " (genes as rows? pass --transpose True)")
+        )
+    names = [str(v) for v in header.iloc[0].tolist()]
+    # pandas renames repeated column names (`GENE.1`); the header row read as data keeps them as written.
+    columns = names[1:] if len(names) == frame.shape[1] + 1 else names if len(names) == frame.shape[1] else None
+    if columns is not None:
+        frame.columns = columns
+    values = frame.to_numpy()
+    if transpose:
+        x, cells, genes = sp.csr_matrix(values.T), list(frame.columns), list(frame.index)
+    else:
+        x, cells, genes = sp.csr_matrix(values), list(frame.index), list(frame.columns)
+    return _new_anndata(x, cells, pd.DataFrame(index=[str(g) for g in genes]))
+
+
+def input_kind(path: str) -> str:
+    """ "10x_dir", "h5ad", "10x_h5" or "table", from the path; a clear error for anything else."""
+    if not os.path.exists(path):
+        raise ScbertError(f"input {path} does not exist; pass an .h5ad, a 10x folder or .h5, or a .csv/.tsv table")
+    if os.path.isdir(path):
+        if _find_file(path, ["matrix.mtx"]) is None:
+            raise ScbertError(f"folder {path} holds no matrix.mtx(.gz); pass a 10x folder, an .h5ad, .h5 or table")
+        return "10x_dir"
+    if os.path.getsize(path) == 0:
+        raise ScbertError(f"input {path} is empty (0 bytes); pass a file holding counts")
+    lower = path.lower()
+    if lower.endswith(".h5ad"):
+        return "h5ad"
+    if lower.endswith((".h5", ".hdf5")):
+        return "10x_h5"
+    if lower.endswith(TABLE_SUFFIXES):
+        return "table"
+    if lower.endswith((".mtx", ".mtx.gz")):
+        return "10x_dir"
+    raise ScbertError(
+        f"cannot tell the format of {path}; pass an .h5ad, a 10x folder (matrix.mtx), a 10x .h5, or a .csv/.tsv table"
+    )
+
+
+def read_input(path: str, transpose: bool = False) -> ad.AnnData:
+    """Any supported input as an AnnData (counts not yet checked; `.h5ad` layers and `.raw` kept)."""
+    kind = input_kind(path)
+    if kind == "10x_dir":
+        return read_10x_mtx(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)))
+    if kind == "10x_h5":
+        return read_10x_h5(path)
+    if kind == "table":
+        return read_table(path, transpose=transpose)
+    try:
+        return ad.read_h5ad(path)
+    except Exception as err:  # h5py/anndata raise many types for a file that is not a valid .h5ad
+        raise ScbertError(
+            f"could not read {path} as .h5ad ({type(err).__name__}: {err}); is the file complete?"
+        ) from err
+
+
+def load_pbmc68k_counts() -> ad.AnnData:
+    """Integer counts of scanpy's bundled `pbmc68k_reduced` (700 cells, 765 genes, offline), `obs` kept.
+
+    Its `.raw` holds ln(1 + counts * 1e4 / n_counts) rounded to 3 decimals, with `obs["n_counts"]` the cell's total
+    before gene selection; so counts = expm1(raw) * n_counts / 1e4, within 0.1% of an integer (checked), rounded.
+    Gene names are the dataset's 2017 symbols (e.g. `IGJ`, now `JCHAIN`). Cells have 183-409 genes of these 765,
+    so a few fall under the default `min_genes=200`.
+    """
+    import scanpy as sc
+
+    source = sc.datasets.pbmc68k_reduced()
+    scaled = sp.csr_matrix(source.raw.X, dtype=np.float64)
+    scaled.data = np.expm1(scaled.data)
+    counts = sp.diags(source.obs["n_counts"].to_numpy(dtype=np.float64) / 1e4) @ scaled
+    counts = sp.csr_matrix(counts)
+    rounded = np.rint(counts.data)
+    worst = float(np.max(np.abs(counts.data - rounded) / np.maximum(rounded, 1.0))) if counts.nnz else 0.0
+    if worst > 1e-2 or (rounded < 1).any():
+        raise ScbertError(
+            f"scanpy's pbmc68k_reduced no longer holds recoverable counts (worst relative deviation {worst:.3g}); "
+            f"pass your own counts instead"
+        )
+    x = sp.csr_matrix((rounded.astype(np.float32), counts.indices, counts.indptr), shape=counts.shape)
+    return ad.AnnData(X=x, obs=source.obs.copy(), var=pd.DataFrame(index=source.raw.var_names.copy()))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Choosing and checking counts
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def count_problem(x, allow_normalized: bool = False) -> str | None:
+    """Why `x` (dense or sparse) does not hold counts, or None: non-finite, negative or (unless allowed) non-integer."""
+    values = x.data if sp.issparse(x) else np.asarray(x).ravel()
+    if values.dtype.kind not in "biuf":
+        return f"values of type {values.dtype}, not numbers"
+    if values.dtype.kind in "biu":
+        return f"negative values (minimum {values.min()})" if values.size and values.min() < 0 else None
+    for start in range(0, values.size, CHECK_CHUNK):
+        chunk = values[start : start + CHECK_CHUNK]
+        if not np.isfinite(chunk).all():
+            return "NaN or infinite values"
+        if (chunk < 0).any():
+            return f"negative values (e.g. {chunk[chunk < 0][0]:.4g}), as in scaled or centred data"
+        if not allow_normalized:
+            fractional = chunk != np.floor(chunk)
+            if fractional.any():
+                return f"non-integer values (e.g. {chunk[fractional][0]:.4g}), as in normalised data"
+    return None
+
+
+def select_counts(adata: ad.AnnData, counts_from: str = "auto", allow_normalized: bool = False):
+    """The count matrix to use, its var table and where it came from.
+
+    counts_from: "X", "raw", "layer:NAME", or "auto": the layer "counts" if it holds counts, else X if it does,
+    else `.raw` if it does (in that order; the first that is finite, non-negative and integer).
+    Returns (matrix cells x genes, var DataFrame, source name); raises ScbertError naming what each candidate held.
+    """
+    candidates = []
+    if "counts" in adata.layers:
+        candidates.append(("layer:counts", adata.layers["counts"], adata.var))
+    candidates.append(("X", adata.X, adata.var))
+    if adata.raw is not None:
+        candidates.append(("raw", adata.raw.X, adata.raw.var))
+    if counts_from == "auto":
+        reasons = []
+        for name, matrix, var in candidates:
+            if matrix is None:
+                continue
+            problem = count_problem(matrix, allow_normalized=False)
+            if problem is None:
+                return matrix, var, name
+            reasons.append(f"{name} holds {problem}")
+        if allow_normalized:
+            return adata.X, adata.var, "X"
+        raise ScbertError(
+            "no raw counts found: " + "; ".join(reasons) + ". Pass a file with raw counts (a 'counts' layer, .raw or "
+            "X), or --allow_normalized True if you know the values are normalised counts"
+        )
+    if counts_from == "X":
+        return adata.X, adata.var, "X"
+    if counts_from == "raw":
+        if adata.raw is None:
+            raise ScbertError("--counts_from raw, but the input has no .raw; use --counts_from X or layer:NAME")
+        return adata.raw.X, adata.raw.var, "raw"
+    if counts_from.startswith("layer:"):
+        layer = counts_from[len("layer:") :]
+        if layer not in adata.layers:
+            raise ScbertError(
+                f"--counts_from {counts_from}, but the input has no layer {layer!r} (layers: {list(adata.layers)}); "
+                f"use --counts_from auto, X or raw"
+            )
+        return adata.layers[layer], adata.var, counts_from
+    raise ScbertError(f"--counts_from {counts_from!r} is not one of auto, X, raw, layer:NAME")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Gene matching, alignment, filtering, normalisation (pure functions on arrays)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def gene_column_map(
+    names: Sequence[str], reference: Sequence[str], table: GeneTable, duplicates: str = "first"
+) -> tuple[np.ndarray, dict, dict]:
+    """Where each input gene column goes in the reference, after symbol revision.
+
+    A name's key is its revised symbol; a name that cannot be revised (unknown or ambiguous) keeps its own text as
+    key and is used only if the reference lists exactly that text (counted as `genes_verbatim`). Reference names are
+    revised the same way, so an outdated symbol in the reference (`IGJ`) still receives the data's `JCHAIN`.
+    duplicates: "first" keeps the first input column per key (as the reference code does), "sum" adds them.
+
+    Returns (col_to_ref: int64 (genes_in,), -1 where dropped; counts dict; examples dict of short strings).
+    """
+    if duplicates not in ("first", "sum"):
+        raise ScbertError(f"--duplicates {duplicates!r} is not one of first, sum")
+    ref_index: dict[str, int] = {}
+    reference_revised = reference_aliased = 0
+    for j, name in enumerate(reference):
+        revised, status = table.classify(name)
+        key = revised if revised is not None else name
+        reference_revised += status in (SYNONYM, ENSEMBL, CASE)
+        if key in ref_index:
+            reference_aliased += 1
+            # Two reference names for one gene: the one spelled as the current symbol receives the data.
+            if name == key:
+                ref_index[key] = j
+        else:
+            ref_index[key] = j
+
+    col_to_ref = np.full(len(names), -1, dtype=np.int64)
+    status_counts = dict.fromkeys((CURRENT, SYNONYM, ENSEMBL, CASE, AMBIGUOUS, UNKNOWN), 0)
+    seen: set[str] = set()
+    verbatim = duplicated = 0
+    revised_examples, dropped_examples = [], []
+    for i, name in enumerate(names):
+        revised, status = table.classify(name)
+        status_counts[status] += 1
+        key = revised if revised is not None else name
+        if revised is None:
+            if key not in ref_index:
+                if len(dropped_examples) < EXAMPLES:
+                    dropped_examples.append(f"{name} ({status})")
+                continue
+            verbatim += 1
+        elif status != CURRENT and len(revised_examples) < EXAMPLES:
+            revised_examples.append(f"{name}->{revised}")
+        if key in seen:
+            duplicated += 1
+            if duplicates == "first":
+                continue
+        else:
+            seen.add(key)
+        j = ref_index.get(key)
+        if j is not None:
+            col_to_ref[i] = j
+    used = col_to_ref >= 0
+    covered = np.unique(col_to_ref[used]).size
+    counts = {
+        "genes_in": len(names),
+        "genes_current": status_counts[CURRENT],
+        "genes_revised": status_counts[SYNONYM] + status_counts[ENSEMBL] + status_counts[CASE],
+        "genes_ensembl_mapped": status_counts[ENSEMBL],
+        "genes_case_matched": status_counts[CASE],
+        "genes_ambiguous": status_counts[AMBIGUOUS],
+        "genes_unknown": status_counts[UNKNOWN],
+        "genes_verbatim": verbatim,
+        "genes_dropped": status_counts[AMBIGUOUS] + status_counts[UNKNOWN] - verbatim,
+        "genes_duplicated": duplicated,
+        "genes_used": int(used.sum()),
+        "genes_not_in_reference": len(seen) - covered,
+        "reference_genes": len(reference),
+        "reference_revised": reference_revised,
+        "reference_aliased": reference_aliased,
+        "reference_covered": int(covered),
+        "coverage": covered / len(reference) if len(reference) else 0.0,
+    }
+    examples = {"revised_examples": ", ".join(revised_examples), "dropped_examples": ", ".join(dropped_examples)}
+    return col_to_ref, counts, examples
+
+
+def align_to_reference(x, col_to_ref: np.ndarray, n_ref: int) -> sp.csr_matrix:
+    """Columns of `x` (cells x genes_in) moved to reference positions: (cells x n_ref) CSR float32, sorted indices.
+
+    One sparse product with a 0/1 selection matrix S (genes_in x n_ref, one 1 per used column): reference genes
+    with no column stay zero, dropped columns vanish, columns sharing a position are added (`--duplicates sum`).
+    """
+    x = sp.csr_matrix(x)
+    if x.dtype != np.float32:
+        x = x.astype(np.float32)
+    rows = np.flatnonzero(col_to_ref >= 0)
+    selection = sp.csr_matrix(
+        (np.ones(rows.size, dtype=np.float32), (rows, col_to_ref[rows])), shape=(x.shape[1], n_ref)
+    )
+    out = sp.csr_matrix(x @ selection)
+    out.sort_indices()
+    out.eliminate_zeros()
+    return out
+
+
+def normalize_log1p(x: sp.csr_matrix, target_sum: float | None = 1e4, log_base: float | None = 2.0) -> sp.csr_matrix:
+    """In place on a CSR float32 matrix: scanpy's `normalize_total(target_sum)` then `log1p(base=log_base)`.
+
+    Same arithmetic as scanpy (per-cell totals summed in float64, divided in float32; log1p, then division by
+    ln(base)), so the results agree to the last bit or so. Cells with no counts stay zero. None skips a step.
+    """
+    if target_sum is not None:
+        per_row = np.diff(x.indptr)
+        nonempty = per_row > 0
+        totals = np.zeros(x.shape[0], dtype=np.float64)
+        if nonempty.any():
+            totals[nonempty] = np.add.reduceat(x.data, x.indptr[:-1][nonempty], dtype=np.float64)
+        factor = totals.astype(np.float32) / float(target_sum)
+        factor[factor == 0] = 1.0  # a cell with no counts (explicit zeros only) stays zero, as in scanpy
+        x.data /= np.repeat(factor, per_row)
+    if log_base is not None:
+        np.log1p(x.data, out=x.data)
+        np.divide(x.data, np.log(log_base), out=x.data)
+    return x
+
+
+def _plain(value):
+    """A value h5ad can store in uns (no numpy scalars, no None)."""
+    if isinstance(value, np.generic):
+        return value.item()
+    return "" if value is None else value
+
+
+def preprocess_adata(
+    adata: ad.AnnData,
+    reference_genes: Sequence[str] | None = None,
+    *,
+    table: GeneTable | None = None,
+    counts_from: str = "auto",
+    var_column: str | None = None,
+    duplicates: str = "first",
+    min_genes: int = 200,
+    normalize: bool = True,
+    target_sum: float = 1e4,
+    log1p: bool = True,
+    log_base: float = 2.0,
+    allow_normalized: bool = False,
+    reference_name: str | None = None,
+) -> tuple[ad.AnnData, dict]:
+    """Counts in `adata` -> scBERT's input over `reference_genes` (None: the shipped protein-coding list).
+
+    counts_from: which matrix holds counts (see `select_counts`); var_column: the var column holding gene names
+    (None: var_names), e.g. "gene_ids" for the Ensembl ids of a 10x file. `adata` is not modified.
+
+    Returns (output, summary). output: X = CSR float32 (cells kept x reference genes), obs = the kept cells' obs,
+    var = the reference genes in order with column `in_input` (bool), uns["scbert_preprocess"] = {"params": ...,
+    "summary": ...}. summary (plain ints/floats/strings): genes_in, genes_current, genes_revised,
+    genes_ensembl_mapped, genes_case_matched, genes_ambiguous, genes_unknown, genes_verbatim, genes_dropped,
+    genes_duplicated, genes_used, genes_not_in_reference, reference_genes, reference_revised, reference_aliased,
+    reference_covered, coverage, cells_in, cells_removed, cells_out, identifier_type, counts_source,
+    revised_examples, dropped_examples, warnings. Emits PreprocessWarning for low coverage or mostly
+    case-insensitive matches; raises ScbertError when the input is unusable.
+    """
+    if reference_genes is None:
+        reference_genes = read_reference_genes(None)
+        reference_name = reference_name or f"default: {os.path.basename(DEFAULT_REFERENCE)}"
+    reference_genes = [str(g) for g in reference_genes]
+    if len(set(reference_genes)) != len(reference_genes):
+        raise ScbertError("the reference gene list holds duplicates; a reference gene list must be unique")
+    if not reference_genes:
+        raise ScbertError("the reference gene list is empty; pass the reference's genes")
+    if min_genes < 0:
+        raise ScbertError(f"--min_genes {min_genes} is negative; pass 0 to keep every cell")
+    if normalize and not target_sum > 0:
+        raise ScbertError(f"--target_sum {target_sum} must be positive (or pass --normalize False)")
+    if log1p and not (log_base > 0 and log_base != 1):
+        raise ScbertError(f"--log_base {log_base} must be positive and not 1 (or pass --log1p False)")
+    table = load_gene_table() if table is None else table
+
+    matrix, var, counts_source = select_counts(adata, counts_from, allow_normalized)
+    if matrix is None:
+        raise ScbertError(f"the input's {counts_source} holds no matrix; pass a file with counts (see --counts_from)")
+    if adata.n_obs == 0 or matrix.shape[1] == 0:
+        raise ScbertError(f"the input has {adata.n_obs} cells and {matrix.shape[1]} genes; pass a non-empty matrix")
+    # "auto" without allow_normalized has already checked the matrix it chose.
+    problem = None if counts_from == "auto" and not allow_normalized else count_problem(matrix, allow_normalized)
+    if problem:
+        raise ScbertError(
+            f"{counts_source} holds {problem}, so it is not raw counts; pass raw counts (--counts_from X, raw or "
+            f"layer:NAME)" + ("" if allow_normalized else ", or --allow_normalized True if normalised on purpose")
+        )
+    if var_column is None:
+        names = [str(g) for g in var.index]
+    elif var_column in var.columns:
+        names = [str(g) for g in var[var_column]]
+    else:
+        raise ScbertError(
+            f"--var_column {var_column!r} is not a column of the input's var (columns: {list(var.columns)}); "
+            f"leave it out to use the var names"
+        )
+
+    col_to_ref, summary, examples = gene_column_map(names, reference_genes, table, duplicates)
+    identifier_type = detect_identifier_type(names)
+    if summary["reference_covered"] == 0:
+        hint = ""
+        if identifier_type == "ensembl" and not any(str(n).startswith("ENSG") for n in names[:1000]):
+            hint = " The Ensembl ids are not human (ENSG...); this table is for human data."
+        raise ScbertError(
+            f"none of the {len(names)} input genes matches the {len(reference_genes)} reference genes: input names "
+            f"look like {identifier_type} ids (e.g. {names[:3]}), reference names like {reference_genes[:3]}.{hint} "
+            f"Check the species (human), the identifier type (--var_column for another var column) and --ref"
+        )
+
+    x = align_to_reference(matrix, col_to_ref, len(reference_genes))
+    genes_per_cell = np.diff(x.indptr)
+    keep = genes_per_cell >= min_genes
+    if not keep.any():
+        raise ScbertError(
+            f"no cell has at least {min_genes} expressed reference genes (most: {int(genes_per_cell.max())}); "
+            f"lower --min_genes or check the gene names and --ref"
+        )
+    if not keep.all():
+        x = x[np.flatnonzero(keep)]
+    normalize_log1p(x, target_sum if normalize else None, log_base if log1p else None)
+
+    notes = []
+    if summary["coverage"] < LOW_COVERAGE:
+        notes.append(
+            f"only {summary['reference_covered']} of {len(reference_genes)} reference genes "
+            f"({summary['coverage']:.1%}) are in the data; the rest are zero, so predictions are unreliable; "
+            f"check the species, identifier type and --ref"
+        )
+    matched = summary["genes_used"]
+    if matched and summary["genes_case_matched"] * 2 > matched:
+        notes.append(
+            f"{summary['genes_case_matched']} gene names matched only case-insensitively (e.g. Cd3e -> CD3E); "
+            f"if these are mouse genes, human gene symbols do not make them human data"
+        )
+    for note in notes:
+        warnings.warn(note, PreprocessWarning, stacklevel=2)
+
+    summary.update(examples)
+    summary.update(
+        cells_in=int(adata.n_obs),
+        cells_removed=int((~keep).sum()),
+        cells_out=int(keep.sum()),
+        identifier_type=identifier_type,
+        counts_source=counts_source,
+        warnings=" | ".join(notes),
+    )
+    params = {
+        "target_sum": float(target_sum),
+        "normalize": bool(normalize),
+        "log_base": float(log_base),
+        "log1p": bool(log1p),
+        "min_genes": int(min_genes),
+        "reference": reference_name or f"{len(reference_genes)} genes given in-process",
+        "revision": table.source,
+        "duplicates": duplicates,
+        "counts_from": counts_source,
+        "var_column": var_column or "",
+        "allow_normalized": bool(allow_normalized),
+    }
+    obs = adata.obs.iloc[np.flatnonzero(keep)].copy()
+    var_out = pd.DataFrame(
+        {"in_input": np.bincount(col_to_ref[col_to_ref >= 0], minlength=len(reference_genes)) > 0},
+        index=pd.Index(reference_genes, dtype=object),
+    )
+    out = ad.AnnData(X=x, obs=obs, var=var_out)
+    summary = {k: _plain(v) for k, v in summary.items()}
+    out.uns[PREPROCESS_UNS_KEY] = {"params": {k: _plain(v) for k, v in params.items()}, "summary": dict(summary)}
+    return out, summary
+
+
+def format_summary(summary: dict) -> str:
+    """The summary as a few readable lines."""
+    s = summary
+    lines = [
+        f"genes in: {s['genes_in']} ({s['identifier_type']} ids); current {s['genes_current']}, revised "
+        f"{s['genes_revised']} (Ensembl {s['genes_ensembl_mapped']}, case-insensitive {s['genes_case_matched']}), "
+        f"dropped {s['genes_dropped']} (unknown {s['genes_unknown']}, ambiguous {s['genes_ambiguous']}), "
+        f"kept verbatim {s['genes_verbatim']}, duplicated {s['genes_duplicated']}, not in reference "
+        f"{s['genes_not_in_reference']}",
+        f"reference coverage: {s['reference_covered']} of {s['reference_genes']} genes ({s['coverage']:.1%})",
+        f"cells: {s['cells_in']} in, {s['cells_removed']} removed, {s['cells_out']} out",
+    ]
+    if s.get("revised_examples"):
+        lines.append(f"revised e.g.: {s['revised_examples']}")
+    if s.get("dropped_examples"):
+        lines.append(f"dropped e.g.: {s['dropped_examples']}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def default_out_path(data_path: str) -> str:
+    """`<input name without its format suffix>_preprocessed.h5ad`, beside the input (a 10x folder: beside it)."""
+    path = os.path.normpath(data_path)
+    lower = path.lower()
+    for suffix in (".h5ad", ".hdf5", ".h5", ".mtx.gz", ".mtx", *TABLE_SUFFIXES):
+        if lower.endswith(suffix):
+            path = path[: -len(suffix)]
+            break
+    return f"{path}_preprocessed.h5ad"
+
+
+def check_out_path(data_path: str, out_path: str, overwrite: bool) -> None:
+    """Refuse an output that is the input, not an .h5ad, or (without overwrite) an existing file."""
+    if not out_path.lower().endswith(".h5ad"):
+        raise ScbertError(f"--out_path {out_path} must end in .h5ad")
+    if os.path.realpath(out_path) == os.path.realpath(data_path) or (
+        os.path.exists(out_path) and os.path.exists(data_path) and os.path.samefile(out_path, data_path)
+    ):
+        raise ScbertError(f"--out_path {out_path} is the input file; choose another output path")
+    if os.path.isdir(out_path):
+        raise ScbertError(f"--out_path {out_path} is a folder; pass a file name ending in .h5ad")
+    if os.path.exists(out_path) and not overwrite:
+        raise ScbertError(
+            f"{out_path} already exists; pass --overwrite True to replace it or choose another --out_path"
+        )
+
+
+def write_h5ad_atomic(adata: ad.AnnData, path: str) -> None:
+    """Write to a temporary file beside `path`, then rename: an interrupted run leaves no half-written output."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}.h5ad")
+    try:
+        adata.write_h5ad(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        "scBERT preprocessing: raw counts -> log2(1 + CP10K) over the reference genes", add_help=add_help
+    )
+    parser.add_argument(
+        "--data_path",
+        required=True,
+        help="counts: .h5ad, 10x folder (matrix.mtx), 10x .h5, or .csv/.tsv (cells as rows)",
+    )
+    parser.add_argument(
+        "--ref",
+        default=None,
+        help="reference genes: a checkpoint (.pth), an .h5ad (its var_names, e.g. panglao_10000.h5ad) "
+        "or a text file, one symbol per line; default: NCBI human protein-coding genes (data/)",
+    )
+    parser.add_argument("--out_path", default=None, help="output .h5ad (default: <input>_preprocessed.h5ad)")
+    parser.add_argument(
+        "--counts_from",
+        default="auto",
+        help="auto (layer 'counts', else X, else .raw: the first holding integer counts), X, raw, or layer:NAME",
+    )
+    parser.add_argument(
+        "--var_column",
+        default=None,
+        help="var column holding gene names (default: var_names; e.g. gene_ids for a 10x file's Ensembl ids)",
+    )
+    parser.add_argument("--transpose", type=str2bool, default=False, help="tables only: True when genes are rows")
+    parser.add_argument(
+        "--duplicates",
+        default="first",
+        choices=["first", "sum"],
+        help="genes that revise to the same symbol: keep the first column (as published) or sum them",
+    )
+    parser.add_argument(
+        "--gene_info",
+        default=None,
+        help="NCBI Homo_sapiens.gene_info(.gz) to revise against instead of the shipped snapshot",
+    )
+    parser.add_argument(
+        "--min_genes",
+        type=int,
+        default=200,
+        help="drop cells with fewer expressed reference genes (published: 200; 0 keeps all)",
+    )
+    parser.add_argument("--normalize", type=str2bool, default=True, help="scale each cell to --target_sum counts")
+    parser.add_argument("--target_sum", type=float, default=1e4, help="counts per cell after normalisation")
+    parser.add_argument("--log1p", type=str2bool, default=True, help="apply log(1 + x) in base --log_base")
+    parser.add_argument("--log_base", type=float, default=2.0, help="log base (published: 2)")
+    parser.add_argument(
+        "--allow_normalized",
+        type=str2bool,
+        default=False,
+        help="accept non-integer values (already normalised data you pass on purpose; combine with "
+        "--normalize False --log1p False if they are already log2(1 + CP10K))",
+    )
+    parser.add_argument("--overwrite", type=str2bool, default=False, help="replace an existing --out_path")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Preprocess one input file; writes the output .h5ad and prints the summary. Returns the summary."""
+    args = get_args_parser().parse_args(argv)
+    out_path = args.out_path or default_out_path(args.data_path)
+    input_kind(args.data_path)
+    check_out_path(args.data_path, out_path, args.overwrite)
+    reference = read_reference_genes(args.ref)
+    reference_name = args.ref if args.ref else f"default: {os.path.basename(DEFAULT_REFERENCE)}"
+    table = load_gene_table(args.gene_info)
+    adata = read_input(args.data_path, transpose=args.transpose)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", PreprocessWarning)
+        out, summary = preprocess_adata(
+            adata,
+            reference,
+            table=table,
+            counts_from=args.counts_from,
+            var_column=args.var_column,
+            duplicates=args.duplicates,
+            min_genes=args.min_genes,
+            normalize=args.normalize,
+            target_sum=args.target_sum,
+            log1p=args.log1p,
+            log_base=args.log_base,
+            allow_normalized=args.allow_normalized,
+            reference_name=reference_name,
+        )
+    for warning in caught:
+        if issubclass(warning.category, PreprocessWarning):
+            print(f"warning: {warning.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    out.uns[PREPROCESS_UNS_KEY]["params"]["input"] = os.path.abspath(args.data_path)
+    write_h5ad_atomic(out, out_path)
+    print(format_summary(summary))
+    print(f"wrote {out_path}: {out.n_obs} cells x {out.n_vars} reference genes")
+    return summary
+
+
+if __name__ == "__main__":
+    run_cli(main)
