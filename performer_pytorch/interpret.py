@@ -11,8 +11,10 @@ product per gene. Memory is O(tokens x features), never O(tokens^2) (16,907^2 x 
 
 Each row of A sums to 1, so a cell's scores over all tokens sum to the number of tokens (genes + the appended one);
 a score of 1 is the average. The features come from the layer's own modules (`PreLayerNorm.norm`, `SelfAttention.to_q`,
-`to_k`, `split_heads`, `FastAttention.features`), fed the layer's actual input captured by a forward pre-hook, so the
-scores are those of the attention the model computed, whatever path its forward takes.
+`to_k`, `split_heads`, `FastAttention.features`). Their input, the chosen block's input, is recomputed from the block
+stack's input (captured by a forward pre-hook on `performer.net`) by running the blocks below it through the model's
+own block stack: the model's fast inference path does not call the block modules one by one, so hooks on a block
+would never fire there. Choosing the first block (layer 0) costs nothing extra; the last costs about one more forward.
 """
 
 from __future__ import annotations
@@ -81,28 +83,34 @@ class AttentionRecorder:
     """While active (a context manager), each forward of `model` records per-gene attention received at `layer`.
 
     After a forward over a batch, `pop()` returns (batch, tokens) float32 scores: sum over query tokens of the
-    attention each token receives, averaged over heads. Computed cell by cell in float32 (autocast off), so memory
-    stays at one cell's features and the scores do not depend on --amp.
+    attention each token receives, averaged over heads. Computed in float32 with autocast off (so the scores do not
+    depend on --amp), features one cell at a time (so memory stays at one cell's (heads, tokens, features)).
     """
 
     def __init__(self, model: nn.Module, layer: int = -1):
+        net = model.performer.net
         self.module = attention_layer(model, layer)
-        self.layer = layer
+        self.layer = layer % len(net.layers)
+        self.net = net
+        # The blocks below the chosen one, as a block stack of the model's own class sharing its modules: running it
+        # gives the chosen block's input by the same code the model runs.
+        self.below = type(net)(nn.ModuleList(list(net.layers)[: self.layer]))
         self._handle = None
         self._scores: list[torch.Tensor] = []
 
-    def _hook(self, module: nn.Module, args: tuple) -> None:
-        x = args[0]  # (b, n, dim): the block's input
-        with torch.autocast(device_type=x.device.type, enabled=False):
+    def _hook(self, net: nn.Module, args: tuple) -> None:
+        x = args[0]  # (b, n, dim): the block stack's input (token + gene2vec embeddings)
+        with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
+            x = self.below(x.float()) if self.layer > 0 else x.float()  # (b, n, dim): the chosen block's input
             per_cell = []
             for i in range(x.shape[0]):
-                # Features of one cell at a time: keys are stabilised per cell, so this is what the model computed.
-                q_feat, k_feat = layer_features(module, x[i : i + 1].float())
+                # One cell at a time: keys are stabilised per cell, so this is what the model computed.
+                q_feat, k_feat = layer_features(self.module, x[i : i + 1])
                 per_cell.append(column_sums_from_features(q_feat, k_feat).mean(dim=1))  # (1, n)
         self._scores.append(torch.cat(per_cell).float())
 
     def __enter__(self) -> AttentionRecorder:
-        self._handle = self.module.register_forward_pre_hook(self._hook)
+        self._handle = self.net.register_forward_pre_hook(self._hook)
         return self
 
     def __exit__(self, *exc) -> None:
