@@ -442,21 +442,65 @@ def gene_column_map(
     return col_to_ref, counts, examples
 
 
-def align_to_reference(x, col_to_ref: np.ndarray, n_ref: int) -> sp.csr_matrix:
+def _align_block(block: sp.csr_matrix, source: np.ndarray, indptr_of_target) -> sp.csr_matrix:
+    """One row block: to CSC, gather the used columns in reference order, merge equal targets, back to CSR."""
+    gathered = block.tocsc()[:, source]  # (rows, n_used) CSC, columns in reference order
+    indptr = indptr_of_target(np.diff(gathered.indptr))
+    n_ref = indptr.size - 1
+    return sp.csc_matrix((gathered.data, gathered.indices, indptr), shape=(block.shape[0], n_ref)).tocsr()
+
+
+def align_to_reference(x, col_to_ref: np.ndarray, n_ref: int, chunk_nnz: int = 1 << 23) -> sp.csr_matrix:
     """Columns of `x` (cells x genes_in) moved to reference positions: (cells x n_ref) CSR float32, sorted indices.
 
-    One sparse product with a 0/1 selection matrix S (genes_in x n_ref, one 1 per used column): reference genes
-    with no column stay zero, dropped columns vanish, columns sharing a position are added (`--duplicates sum`).
+    Reference genes with no column stay zero, dropped columns (-1) vanish, columns sharing a position are added
+    (`--duplicates sum`). No per-row sorting: each block of rows goes to CSC (a counting sort), its used columns are
+    gathered in reference order, equal targets merged by rewriting the column pointers, and back to CSR (rows come
+    out sorted). Blocks of about `chunk_nnz` stored values keep the counting sorts in cache and the temporaries small.
     """
     x = sp.csr_matrix(x)
     if x.dtype != np.float32:
         x = x.astype(np.float32)
-    rows = np.flatnonzero(col_to_ref >= 0)
-    selection = sp.csr_matrix(
-        (np.ones(rows.size, dtype=np.float32), (rows, col_to_ref[rows])), shape=(x.shape[1], n_ref)
-    )
-    out = sp.csr_matrix(x @ selection)
-    out.sort_indices()
+    used = np.flatnonzero(col_to_ref >= 0)
+    order = np.argsort(col_to_ref[used], kind="stable")
+    source, target = used[order], col_to_ref[used][order]  # (n_used,), target ascending
+
+    def indptr_of_target(per_source: np.ndarray) -> np.ndarray:
+        per_target = np.bincount(target, weights=per_source, minlength=n_ref).astype(np.int64)
+        indptr = np.zeros(n_ref + 1, dtype=np.int64)
+        np.cumsum(per_target, out=indptr[1:])
+        return indptr
+
+    pieces, start = [], 0
+    while start < x.shape[0] or not pieces:
+        stop = int(np.searchsorted(x.indptr, x.indptr[start] + chunk_nnz, side="right")) - 1
+        stop = min(max(stop, start + 1), x.shape[0])
+        lo, hi = x.indptr[start], x.indptr[stop]
+        block = sp.csr_matrix(
+            (x.data[lo:hi], x.indices[lo:hi], x.indptr[start : stop + 1] - lo), shape=(stop - start, x.shape[1])
+        )
+        pieces.append(_align_block(block, source, indptr_of_target))
+        start = stop
+    if len(pieces) == 1:
+        out = pieces[0]
+    else:
+        offsets = np.cumsum([0] + [p.nnz for p in pieces])
+        index_dtype = np.int32 if offsets[-1] < np.iinfo(np.int32).max else np.int64
+        indptr = np.concatenate(
+            [np.zeros(1, dtype=index_dtype)]
+            + [(p.indptr[1:] + off).astype(index_dtype) for p, off in zip(pieces, offsets[:-1], strict=True)]
+        )
+        out = sp.csr_matrix(
+            (
+                np.concatenate([p.data for p in pieces]),
+                np.concatenate([p.indices for p in pieces]).astype(index_dtype),
+                indptr,
+            ),
+            shape=(x.shape[0], n_ref),
+        )
+        del pieces
+    if np.unique(target).size < target.size:
+        out.sum_duplicates()  # summed duplicates: entries of one (cell, gene) are adjacent after the transpose
     out.eliminate_zeros()
     return out
 

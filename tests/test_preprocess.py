@@ -260,6 +260,21 @@ def test_duplicates_first_or_sum(table):
     assert summary["genes_duplicated"] == 1 and summary["genes_used"] == 5
 
 
+@pytest.mark.parametrize("chunk_nnz", [1, 40, 1 << 23])  # row blocks of any size give the same matrix
+def test_alignment_matches_a_plain_loop(chunk_nnz):
+    rng = np.random.default_rng(3)
+    x = sp.random(30, 25, density=0.4, format="csr", random_state=3, dtype=np.float32)
+    x.data = np.round(x.data * 9)  # integer counts, some stored zeros
+    col_to_ref = rng.integers(-1, 12, size=25)  # several columns share targets: they are added
+    expected_dense = np.zeros((30, 12), dtype=np.float32)
+    for i, j in enumerate(col_to_ref):
+        if j >= 0:
+            expected_dense[:, j] += x[:, i].toarray().ravel()
+    out = preprocess.align_to_reference(x, col_to_ref, 12, chunk_nnz=chunk_nnz)
+    np.testing.assert_array_equal(out.toarray(), expected_dense)
+    assert out.has_canonical_format and out.dtype == np.float32 and (out.data != 0).all()
+
+
 def test_outdated_symbols_in_the_reference_still_receive_the_data(table):
     # A published reference list may hold old symbols (IGJ); data in current symbols (JCHAIN) must still land there.
     out, summary = preprocess_adata(
