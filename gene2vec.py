@@ -331,8 +331,9 @@ def train_gene2vec(
 
     if len(pairs) == 0:
         raise ScbertError("no co-expressed gene pairs to train on; lower --threshold or --min_cells")
-    if dim < 1 or (epochs is not None and epochs < 0):
-        raise ScbertError(f"--dim must be positive and --epochs 0 (auto) or positive, got {dim} and {epochs}")
+    if dim < 1 or workers < 1 or (epochs is not None and epochs < 0):
+        raise ScbertError(f"--dim and --workers must be positive and --epochs 0 (auto) or positive, got {dim}, "
+                          f"{workers} and {epochs}")
     model = Word2Vec(
         vector_size=dim, window=1, min_count=1, sg=1, hs=0, negative=negative, sample=sample,
         alpha=alpha, min_alpha=min_alpha, seed=seed, workers=workers,
@@ -632,6 +633,9 @@ def main(argv: Sequence[str] | None = None) -> np.ndarray:
     array, n_missing = align_to_reference(vectors, reference, fallback=args.fallback, seed=args.seed)
     print(f"reference: {len(reference)} genes, {len(reference) - n_missing} with a vector, {n_missing} without "
           f"(given the {args.fallback} fallback)")
+    if n_missing * 2 > len(reference):
+        print("note: most reference genes have no vector; pool more datasets (--data_path A B ...) or lower "
+              "--threshold / --min_cells to cover more of them")
     atomic_write_bytes(args.out_path, _npy_bytes(array))
     print(f"wrote {args.out_path}: float32 {array.shape}")
     if args.txt_path is not None:
