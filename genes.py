@@ -18,6 +18,7 @@ The committed table (`data/ncbi_gene_human.tsv.gz`) is an NCBI Gene snapshot bui
 
 from __future__ import annotations
 
+import csv
 import functools
 import gzip
 import os
@@ -171,16 +172,16 @@ def _read_committed_table(path: str) -> GeneTable:
 
 def _read_ncbi_gene_info(path: str) -> GeneTable:
     """NCBI's `<Species>.gene_info(.gz)` (tab-separated, header `#tax_id GeneID Symbol ... Synonyms dbXrefs ...`)."""
-    wanted = ["#tax_id", "Symbol", "Synonyms", "dbXrefs", "type_of_gene", "Modification_date"]
+    required = ["#tax_id", "Symbol", "Synonyms", "dbXrefs", "type_of_gene"]
     try:
         frame = pd.read_csv(
-            path, sep="\t", dtype=str, keep_default_na=False, na_filter=False, quoting=3, low_memory=False
+            path, sep="\t", dtype=str, keep_default_na=False, na_filter=False, quoting=csv.QUOTE_NONE, low_memory=False
         )
     except (OSError, ValueError, UnicodeDecodeError, EOFError, pd.errors.ParserError) as err:
         raise ScbertError(
             f"could not read {path} as an NCBI gene_info file ({err}); pass Homo_sapiens.gene_info(.gz)"
         ) from err
-    missing = [c for c in wanted[:5] if c not in frame.columns]
+    missing = [c for c in required if c not in frame.columns]
     if missing:
         raise ScbertError(
             f"{path} lacks the gene_info columns {missing}; pass NCBI's Homo_sapiens.gene_info(.gz) unchanged"

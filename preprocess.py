@@ -806,7 +806,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     reference = read_reference_genes(args.ref)
     reference_name = args.ref if args.ref else f"default: {os.path.basename(DEFAULT_REFERENCE)}"
     table = load_gene_table(args.gene_info)
+    print(
+        f"reading {args.data_path} ({input_kind(args.data_path)}); reference: {reference_name} ({len(reference)} genes)"
+    )
     adata = read_input(args.data_path, transpose=args.transpose)
+    print(f"read {adata.n_obs} cells x {adata.n_vars} genes; revising against {table.source.split(';')[0]}")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", PreprocessWarning)
         out, summary = preprocess_adata(
