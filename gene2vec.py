@@ -440,13 +440,14 @@ def read_text_vectors(path: str) -> dict[str, np.ndarray]:
 
 
 def text_vectors_bytes(vectors: Mapping[str, np.ndarray]) -> bytes:
-    """word2vec text format: `n dim` then `SYMBOL v1 ... vdim` per line (shortest repr that round-trips float32)."""
-    dim = len(next(iter(vectors.values()))) if vectors else 0
-    out = io.StringIO()
-    out.write(f"{len(vectors)} {dim}\n")
-    for gene, vector in vectors.items():
-        out.write(gene + " " + " ".join(repr(float(v)) for v in np.asarray(vector, dtype=np.float32)) + "\n")
-    return out.getvalue().encode("utf-8")
+    """word2vec text format: `n dim` then `SYMBOL v1 ... vdim` per line (9 significant digits: float32 exactly)."""
+    names = list(vectors)
+    matrix = np.stack([np.asarray(vectors[g], dtype=np.float32) for g in names]) if names else np.zeros((0, 0))
+    rows = io.StringIO()
+    np.savetxt(rows, matrix, fmt="%.9g", delimiter=" ")
+    lines = rows.getvalue().splitlines()
+    body = "".join(f"{name} {line}\n" for name, line in zip(names, lines, strict=True))
+    return f"{matrix.shape[0]} {matrix.shape[1]}\n{body}".encode()
 
 
 def revise_vector_symbols(vectors: Mapping[str, np.ndarray], *, table=None) -> tuple[dict[str, np.ndarray], dict]:
