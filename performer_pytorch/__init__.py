@@ -9,6 +9,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .errors import ScbertError
+from .fast_attention import fast_path_enabled, plain_attention
 from .performer_pytorch import (
     ClassificationHead,
     FastAttention,
@@ -35,6 +36,8 @@ __all__ = [
     "Performer",
     "PerformerLM",
     "ScbertError",
+    "fast_path_enabled",
+    "plain_attention",
     "SelfAttention",
     "gaussian_orthogonal_random_matrix",
     "generalized_kernel",

@@ -17,6 +17,14 @@ Module and parameter names mirror the published scBERT checkpoints so they load 
 
 Pure functions (`gaussian_orthogonal_random_matrix`, `softmax_kernel`, `generalized_kernel`, `linear_attention`)
 hold the maths; the modules hold state.
+
+Two ways to compute the same numbers:
+- the plain path (this file): full (batch, heads, tokens, features) tensors, the readable definition;
+- the fast path (`fast_attention.py`, the default): the same maths in token chunks, frozen blocks and inference
+  without autograd, and a custom autograd Function for the attention core of blocks that need gradients.
+`with performer_pytorch.plain_attention(): ...` forces the plain path (to compare, or to debug).
+Which path a block takes is decided per forward call in `SequentialSequence.forward`; outputs agree within float32
+rounding (tests/test_fast_path.py).
 """
 
 from __future__ import annotations
@@ -30,6 +38,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ScbertError
+from .fast_attention import (
+    BlockWeights,
+    FavorAttentionFunction,
+    block_forward_no_grad,
+    compute_dtype,
+    default_chunk_size,
+    fast_path_enabled,
+)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The maths: random features and linear attention
@@ -185,6 +201,16 @@ class SelfAttention(nn.Module):
         self.to_v = nn.Linear(dim, inner, bias=qkv_bias)
         self.to_out = nn.Linear(inner, dim, bias=attn_out_bias)
         self.dropout = nn.Dropout(dropout)
+        # Tokens per chunk on the fast path; None picks `fast_attention.default_chunk_size` for the device.
+        self.chunk_size: int | None = None
+
+    @property
+    def fast_path_supported(self) -> bool:
+        """The fast path implements the softmax kernel (scBERT's); generalized attention stays on the plain path."""
+        return not self.fast_attention.generalized_attention
+
+    def tokens_per_chunk(self, device: torch.device) -> int:
+        return self.chunk_size if self.chunk_size is not None else default_chunk_size(device)
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, tokens, heads * dim_head) -> (batch, heads, tokens, dim_head)."""
@@ -193,6 +219,11 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (batch, tokens, dim) -> (batch, tokens, dim)."""
+        if fast_path_enabled() and self.fast_path_supported:
+            q, k, v = (proj(x) for proj in (self.to_q, self.to_k, self.to_v))  # (b, n, h d) each
+            projection = self.fast_attention.projection_matrix
+            out = FavorAttentionFunction.apply(q, k, v, projection, self.heads, self.tokens_per_chunk(x.device))
+            return self.dropout(self.to_out(out))
         q, k, v = (self.split_heads(proj(x)) for proj in (self.to_q, self.to_k, self.to_v))
         out = self.fast_attention(q, k, v)  # (b, h, n, d)
         out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
@@ -246,17 +277,68 @@ class PreLayerNorm(nn.Module):
         return self.fn(self.norm(x))
 
 
+def _dropout_active(module: nn.Module) -> bool:
+    return any(m.training and m.p > 0 for m in module.modules() if isinstance(m, nn.Dropout))
+
+
 class SequentialSequence(nn.Module):
-    """x <- x + attn(x); x <- x + ff(x), block after block (pre-LayerNorm residual blocks)."""
+    """x <- x + attn(x); x <- x + ff(x), block after block (pre-LayerNorm residual blocks).
+
+    On the fast path each block picks its route at every call:
+    - no gradient needed (grad disabled, or an input that does not require grad and no trainable parameter in the
+      block, as for the frozen lower blocks when fine-tuning): no autograd at all; the chunked in-place
+      `block_forward_no_grad` when the block supports it, else the plain modules under `torch.no_grad()`;
+    - otherwise autograd through the modules, whose attention core is `FavorAttentionFunction`.
+    So fine-tuning code only sets `requires_grad` flags; nothing else to call.
+    """
 
     def __init__(self, layers: nn.ModuleList):
         super().__init__()
         self.layers = layers
 
+    @staticmethod
+    def block_needs_grad(x: torch.Tensor, attn: nn.Module, ff: nn.Module) -> bool:
+        if not torch.is_grad_enabled():
+            return False
+        return x.requires_grad or any(p.requires_grad for m in (attn, ff) for p in m.parameters())
+
+    @staticmethod
+    def block_fast_path_supported(attn: PreLayerNorm, ff: PreLayerNorm) -> bool:
+        feed_forward = ff.fn.fn
+        return (
+            attn.fn.fast_path_supported
+            and not feed_forward.glu
+            and isinstance(feed_forward.act, nn.GELU)
+            and feed_forward.act.approximate == "none"
+            and not _dropout_active(attn)
+            and not _dropout_active(ff)
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not fast_path_enabled():
+            for attn, ff in self.layers:
+                x = x + attn(x)
+                x = x + ff(x)
+            return x
+        owned = False  # whether x is a tensor made here, which the no-grad route may update in place
         for attn, ff in self.layers:
-            x = x + attn(x)
-            x = x + ff(x)
+            if self.block_needs_grad(x, attn, ff):
+                x = x + attn(x)
+                x = x + ff(x)
+                owned = False
+            elif self.block_fast_path_supported(attn, ff):
+                dtype = compute_dtype(x)
+                with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+                    if not owned:
+                        x = x.detach().clone(memory_format=torch.contiguous_format)
+                        owned = True
+                    weights = BlockWeights.from_block(attn, ff, dtype)
+                    x = block_forward_no_grad(x, weights, attn.fn.tokens_per_chunk(x.device), dtype)
+            else:
+                with torch.no_grad():
+                    x = x + attn(x)
+                    x = x + ff(x)
+                owned = True
         return x
 
 
@@ -533,6 +615,16 @@ class PerformerLM(nn.Module):
         if isinstance(self.to_out, nn.Linear):
             return {"type": "lm"}
         return {"type": type(self.to_out).__name__}
+
+    def set_chunk_size(self, tokens: int | None) -> None:
+        """Tokens per chunk on the fast path (None: the device's default, `fast_attention.default_chunk_size`).
+
+        Only speed and memory depend on it, never the result (beyond float rounding)."""
+        if tokens is not None and tokens < 1:
+            raise ValueError(f"chunk size must be a positive number of tokens, got {tokens}")
+        for module in self.modules():
+            if isinstance(module, SelfAttention):
+                module.chunk_size = tokens
 
     def fix_projections(self, fixed: bool = True) -> None:
         """Stop (or allow again) projection redraws in training mode; eval mode never redraws anyway."""

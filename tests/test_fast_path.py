@@ -1,0 +1,188 @@
+"""The fast path (chunked, no-autograd blocks, custom autograd attention) computes what the plain path computes."""
+
+import pytest
+import torch
+
+import performer_pytorch.performer_pytorch as model_module
+from performer_pytorch import ClassificationHead, PerformerLM, build_model, load_checkpoint, plain_attention
+from performer_pytorch.fast_attention import FavorAttentionFunction
+from performer_pytorch.performer_pytorch import gaussian_orthogonal_random_matrix, linear_attention, softmax_kernel
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+def small_model(**kwargs) -> PerformerLM:
+    config = dict(num_tokens=7, max_seq_len=61, dim=24, depth=3, heads=2, dim_head=8, nb_features=13)
+    config.update(kwargs)
+    torch.manual_seed(0)
+    return PerformerLM(**config, gene2vec=torch.randn(config["max_seq_len"] - 1, config["dim"]))
+
+
+def different_cells(n: int) -> torch.Tensor:
+    """Three cells whose key stabilisers differ a lot: random bins, all top bins, mostly zeros."""
+    torch.manual_seed(1)
+    tokens = torch.randint(0, 6, (3, n))
+    tokens[1] = 5
+    tokens[2] = 0
+    tokens[2, ::7] = 3
+    return tokens
+
+
+@pytest.mark.parametrize("chunk", [7, 16, 1000], ids=["chunk-7", "chunk-16", "one-chunk"])
+def test_no_grad_fast_path_equals_plain_path(chunk):
+    model = small_model().eval()
+    model.set_chunk_size(chunk)
+    tokens = different_cells(61)
+    with torch.no_grad():
+        fast = model(tokens)
+        fast_encodings = model(tokens, return_encodings=True)
+        with plain_attention():
+            plain = torch.cat([model(tokens[i : i + 1]) for i in range(3)])  # one cell at a time
+            plain_encodings = model(tokens, return_encodings=True)
+    assert rel_err(fast, plain) < 1e-5
+    assert rel_err(fast_encodings, plain_encodings) < 1e-5
+
+
+def test_no_grad_path_leaves_the_callers_tensor_alone():
+    model = small_model().eval()
+    x = torch.randn(2, 61, 24)
+    before = x.clone()
+    with torch.no_grad():
+        out = model.performer(x)
+    assert torch.equal(x, before) and not torch.equal(out, x)
+
+
+def plain_core(q, k, v, projection, heads):
+    """The plain path's attention on (b, n, h d) tensors, for comparison with the custom Function."""
+    b, n, _ = q.shape
+    q, k, v = (t.view(b, n, heads, -1).transpose(1, 2) for t in (q, k, v))
+    out = linear_attention(
+        softmax_kernel(q, projection, is_query=True), softmax_kernel(k, projection, is_query=False), v
+    )
+    return out.transpose(1, 2).reshape(b, n, -1)
+
+
+def core_inputs(dtype, b=2, n=11, heads=2, dim_head=4, nb_features=7):
+    torch.manual_seed(2)
+    q, k, v = (torch.randn(b, n, heads * dim_head, dtype=dtype, requires_grad=True) for _ in range(3))
+    projection = gaussian_orthogonal_random_matrix(nb_features, dim_head).to(dtype)
+    return q, k, v, projection
+
+
+def test_attention_function_gradcheck_float64():
+    q, k, v, projection = core_inputs(torch.float64, n=7)
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: FavorAttentionFunction.apply(q, k, v, projection, 2, 3),
+        (q, k, v),
+        eps=1e-6,
+        atol=1e-7,
+        fast_mode=True,
+    )
+
+
+@pytest.mark.parametrize("chunk", [3, 11])
+def test_attention_function_equals_plain_autograd_float64(chunk):
+    q, k, v, projection = core_inputs(torch.float64)
+    fast = FavorAttentionFunction.apply(q, k, v, projection, 2, chunk)
+    plain = plain_core(q, k, v, projection, 2)
+    assert rel_err(fast, plain) < 1e-12
+    weights = torch.randn_like(plain)
+    fast_grads = torch.autograd.grad((fast * weights).sum(), (q, k, v))
+    plain_grads = torch.autograd.grad((plain * weights).sum(), (q, k, v))
+    for fast_grad, plain_grad in zip(fast_grads, plain_grads, strict=True):
+        assert rel_err(fast_grad, plain_grad) < 1e-10
+
+
+def trainable_grads(model, tokens, weights):
+    model.zero_grad(set_to_none=True)
+    (model(tokens) * weights).sum().backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def test_training_step_gradients_equal_plain_path_float32():
+    model = small_model().train()
+    model.fix_projections()
+    model.set_chunk_size(16)
+    tokens = different_cells(61)
+    with plain_attention():
+        plain_out = model(tokens)
+    weights = torch.randn_like(plain_out)
+    fast = trainable_grads(model, tokens, weights)
+    with plain_attention():
+        plain = trainable_grads(model, tokens, weights)
+    assert rel_err(model(tokens), plain_out) < 1e-5
+    assert set(fast) == set(plain) and len(fast) == sum(p.requires_grad for p in model.parameters())
+    for name in plain:
+        assert rel_err(fast[name], plain[name]) < 1e-4, name
+
+
+def test_frozen_blocks_run_without_autograd_when_fine_tuning(monkeypatch):
+    """As finetune.py freezes: all but the last LayerNorm, the second-to-last block and the head."""
+    model = small_model(depth=4, lm_head=False)
+    model.to_out = ClassificationHead(seq_len=61, dim=24, n_classes=3, h_dim=8, hidden=16)
+    model.train()
+    model.fix_projections()
+    model.set_chunk_size(16)
+    model.requires_grad_(False)
+    for module in (model.norm, model.performer.net.layers[-2], model.to_out):
+        module.requires_grad_(True)
+    calls = []
+    real = model_module.block_forward_no_grad
+
+    def spy(x, *args):
+        calls.append(torch.is_grad_enabled())
+        return real(x, *args)
+
+    monkeypatch.setattr(model_module, "block_forward_no_grad", spy)
+    tokens = different_cells(61)
+    torch.manual_seed(3)
+    weights = torch.randn(3, 3)
+    fast = trainable_grads(model, tokens, weights)
+    assert calls == [False, False], "blocks 0 and 1 take the no-grad route, blocks 2 and 3 need autograd"
+    expected = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert set(fast) == expected
+    assert all(name.startswith(("norm.", "to_out.", "performer.net.layers.2.")) for name in fast)
+    calls.clear()
+    with plain_attention():
+        plain = trainable_grads(model, tokens, weights)
+    assert calls == []
+    for name in plain:
+        assert rel_err(fast[name], plain[name]) < 1e-4, name
+
+
+def test_plain_attention_switch_restores_the_fast_path(monkeypatch):
+    calls = []
+    monkeypatch.setattr(model_module, "block_forward_no_grad", lambda x, *a: calls.append(1) or x)
+    model = small_model(depth=1).eval()
+    with torch.no_grad():
+        with plain_attention():
+            model(different_cells(61))
+        assert calls == []
+        model(different_cells(61))
+    assert calls == [1]
+
+
+@pytest.fixture(scope="module")
+def finetuned(reference, tmp_path_factory):
+    path = tmp_path_factory.mktemp("ref") / "reference_best.pth"
+    torch.save(reference["finetune_checkpoint"], path)
+    return build_model(load_checkpoint(str(path))).eval()
+
+
+@pytest.mark.parametrize("route", ["no-grad", "autograd"])
+def test_bf16_autocast_predicts_the_same_classes_as_float32(reference, finetuned, route):
+    tokens = reference["tokens"]
+    expected = reference["expected_class_logits"].argmax(dim=1)
+    with torch.set_grad_enabled(route == "autograd"):
+        if route == "autograd":
+            finetuned.requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = finetuned(tokens)
+        assert torch.equal(logits.argmax(dim=1), expected)
+        if route == "autograd":
+            logits.float().sum().backward()
+            grads = [p.grad for p in finetuned.parameters() if p.requires_grad]
+            assert all(g is not None and torch.isfinite(g).all() for g in grads)
+            finetuned.requires_grad_(False)
