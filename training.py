@@ -560,7 +560,7 @@ def check_model_flags(args: argparse.Namespace, config: dict[str, Any], path: st
         detail = ", ".join(f"{flag.get(k, '--' + k)} {wanted[k]} vs {config[k]}" for k in differing)
         raise ScbertError(
             f"the flags differ from the run saved in {path!r} ({detail}): rerun with that run's flags to resume it, "
-            "or pass another --model_name (or --resume False in another --ckpt_dir) to start a separate run"
+            "or pass another --model_name or --ckpt_dir to start a separate run"
         )
 
 
