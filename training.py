@@ -657,9 +657,7 @@ class CosineAnnealingWarmupRestarts:
         return {"last_epoch": self.last_epoch, **self.params}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.params = {k: state[k] for k in self.params if k in state} | {
-            k: v for k, v in self.params.items() if k not in state
-        }
+        self.params = {k: state.get(k, v) for k, v in self.params.items()}
         self.last_epoch = int(state["last_epoch"])
         self._apply()
 
@@ -694,15 +692,19 @@ class Amp:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     def step(self, optimizer: torch.optim.Optimizer, parameters: Sequence[torch.Tensor], clip_norm: float | None):
-        """Unscale, clip to `clip_norm`, step; returns the gradient norm before clipping (inf/NaN: not finite)."""
+        """Unscale, clip to `clip_norm`, step; returns the gradient norm before clipping.
+
+        Without a scaler, a non-finite norm skips the step (the caller stops the run); with fp16's scaler, the
+        scaler skips it and lowers its scale, as overflow is expected there now and then.
+        """
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)
         norm = (torch.nn.utils.clip_grad_norm_(parameters, clip_norm) if clip_norm is not None
                 else torch.tensor(0.0))
         if self.scaler is not None:
-            self.scaler.step(optimizer)  # skips the step itself when the gradients overflowed
+            self.scaler.step(optimizer)
             self.scaler.update()
-        else:
+        elif bool(torch.isfinite(norm)):
             optimizer.step()
         return norm
 
@@ -1076,6 +1078,10 @@ class JsonlLogger:
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        clean = {k: (float(v) if isinstance(v, torch.Tensor | np.floating) else v) for k, v in record.items()}
+        clean = {}
+        for key, value in record.items():
+            if isinstance(value, torch.Tensor | np.floating):
+                value = float(value)
+            clean[key] = None if isinstance(value, float) and not math.isfinite(value) else value  # strict JSON
         with open(self.path, "a") as fh:
-            fh.write(json.dumps(clean, allow_nan=True) + "\n")
+            fh.write(json.dumps(clean) + "\n")

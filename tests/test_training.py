@@ -258,6 +258,22 @@ def test_non_finite_loss_stops_with_a_message_naming_epoch_step_and_checkpoint()
     assert torch.isfinite(model.weight).all()
 
 
+def test_non_finite_gradient_stops_before_the_weights_change():
+    _, _, dataset, _ = _linear_problem()
+    model = torch.nn.Linear(3, 1)
+    before = model.weight.detach().clone()
+
+    def loss_fn(model, batch):
+        out = model(batch["x"])
+        return torch.sqrt(out - out.detach()).sum(), {}  # a finite loss (0) whose gradient is infinite
+
+    loader = torch.utils.data.DataLoader(dataset, batch_size=3)
+    with pytest.raises(training.NonFiniteLossError, match="gradient norm became non-finite at epoch 1, step 1"):
+        training.train_one_epoch(model, loader, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn,
+                                 ctx=training.DistContext(), epoch=1, clip_norm=100.0)
+    assert torch.equal(model.weight, before)
+
+
 def test_amp_modes():
     with pytest.raises(ScbertError, match="fp16 needs a CUDA GPU"):
         training.Amp("fp16", torch.device("cpu"))
