@@ -552,8 +552,12 @@ def finetune_split(
                                 num_workers=args.num_workers, sampler=sampler)
     valid_loader = build_loader(valid_set, batch_size=args.batch_size, ctx=ctx, train=False,
                                 num_workers=args.num_workers)
-    print0(f"fine-tuning on {ctx.device} x {ctx.world_size}: {len(train_set)} train / {len(valid_set)} valid cells, "
-           f"{describe_trainable(model)}, epochs {start_epoch}..{args.epoch}", ctx=ctx)
+    if stopped or start_epoch > args.epoch:
+        print0(f"run {name!r} is already complete ({'stopped early' if stopped else 'all epochs done'} after epoch "
+               f"{start_epoch - 1}): rewriting its metrics files; pass another --model_name to train again", ctx=ctx)
+    else:
+        print0(f"fine-tuning on {ctx.device} x {ctx.world_size}: {len(train_set)} train / {len(valid_set)} valid "
+               f"cells, {describe_trainable(model)}, epochs {start_epoch}..{args.epoch}", ctx=ctx)
 
     logger = JsonlLogger(resolve_log_path(args), ctx)
     train_step = _train_step(criterion)

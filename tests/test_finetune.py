@@ -233,6 +233,18 @@ def test_finetunes_separable_types_and_the_best_checkpoint_predicts_alone(tiny, 
     assert best["n_cells"] == len(valid)
     assert np.mean(pred == labels[valid]) == pytest.approx(best["accuracy"])
 
+    # predict.py, given nothing but the checkpoint, labels the validation cells the same way.
+    import predict
+
+    alone = tmp_path / "alone" / "model.pth"
+    alone.parent.mkdir()
+    alone.write_bytes((ckpts / "finetune_best.pth").read_bytes())
+    adata[valid].copy().write_h5ad(tmp_path / "query.h5ad")
+    predict.main(["--data_path", str(tmp_path / "query.h5ad"), "--model_path", str(alone),
+                  "--out_path", str(tmp_path / "query_pred.h5ad")])
+    called = ad.read_h5ad(tmp_path / "query_pred.h5ad").obs["scbert_celltype"].astype(str).to_numpy()
+    assert np.mean(called == np.asarray(classes)[labels[valid]]) == pytest.approx(best["accuracy"])
+
     # Files a user keeps: no-pickle labels, metrics, confusion matrix (CSV and PNG), one log line per epoch.
     assert read_label_dict(str(ckpts / "finetune_label_dict.txt")) == classes
     assert np.array_equal(np.load(ckpts / "finetune_label.npy"), labels)
@@ -367,6 +379,10 @@ def test_resume_after_an_interruption_continues_where_it_stopped(tiny, tmp_path,
         resumed = load_checkpoint(str(interrupted / name))
         assert whole.payload["epoch"] == resumed.payload["epoch"]
         assert all(torch.equal(whole.state_dict[k], resumed.state_dict[k]) for k in whole.state_dict), name
+    # Rerunning the finished command trains nothing more and keeps the result.
+    finetune.main(args_for(tiny["data"], interrupted, *argv, model_path=tiny["ckpt"]))
+    assert len(read_log(interrupted / "finetune_log.jsonl")) == 4
+    assert load_checkpoint(str(interrupted / "finetune_best.pth")).payload["epoch"] == whole.payload["epoch"]
     # A fresh run must not overwrite the finished one's files.
     with pytest.raises(ScbertError, match="would overwrite"):
         finetune.main(args_for(tiny["data"], interrupted, *argv, "--resume", "False", model_path=tiny["ckpt"]))
