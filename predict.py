@@ -65,10 +65,12 @@ EMBEDDING_HELP = (
 
 @dataclass
 class Predictions:
-    """probs: float32 (cells, classes). embeddings: float32 (cells, dim) or None. seconds: wall time of the loop."""
+    """probs: float32 (cells, classes). embeddings: float32 (cells, dim) or None. attention: float32 (cells, genes + 1)
+    when asked for without an `on_attention` callback, else None. seconds: wall time of the loop."""
 
     probs: np.ndarray
     embeddings: np.ndarray | None = None
+    attention: np.ndarray | None = None
     seconds: float = 0.0
 
 
@@ -121,7 +123,7 @@ def predict_cells(
     X: (cells, genes) log2(1 + CP10K) values over the model's genes, sparse or dense; only one batch is densified.
     attention_layer / on_attention: when given, per-gene attention received at that layer is computed for each batch
     and passed as `on_attention(first_row, probs (b, classes), scores (b, genes + 1))`, so callers can reduce it
-    without keeping (cells x genes) in memory.
+    without keeping (cells x genes) in memory; without a callback the scores are returned in `attention`.
     The model is put in eval mode and moved to `device`; logits are computed under `amp` ("none" or "bf16"), the
     softmax in float32.
     """
@@ -135,10 +137,13 @@ def predict_cells(
         )
     if batch_size < 1:
         raise ScbertError(f"--batch_size must be at least 1, got {batch_size}")
+    if n_cells == 0:
+        raise ScbertError("there are no cells to predict: check the input")
     model.eval().to(device)
     X = sp.csr_matrix(X) if not sp.issparse(X) else X.tocsr()
     probs: np.ndarray | None = None  # (cells, classes), allocated once the first batch gives the sizes
     pooled: np.ndarray | None = None  # (cells, dim)
+    kept: list[np.ndarray] = []  # attention scores (b, genes + 1) per batch, when no callback takes them
     recorder = AttentionRecorder(model, attention_layer) if attention_layer is not None else None
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:
@@ -161,8 +166,11 @@ def predict_cells(
                 scores = recorder.pop().cpu().numpy()
                 if on_attention is not None:
                     on_attention(first, probs[first:last], scores)
+                else:
+                    kept.append(scores)
             bar.update(last - first)
-    return Predictions(probs=probs, embeddings=pooled, seconds=time.perf_counter() - start)
+    attention = np.concatenate(kept) if kept else None
+    return Predictions(probs=probs, embeddings=pooled, attention=attention, seconds=time.perf_counter() - start)
 
 
 def assign_labels(
@@ -475,6 +483,10 @@ def main(argv: Sequence[str] | None = None) -> PredictResult:
         raise ScbertError(f"the model has a class called {UNASSIGNED!r}, which --novel_type True would confuse with "
                           "novel cells: rename that class when fine-tuning, or pass --novel_type False")
     bin_num = check_model_flags(args, ckpt.config)
+    depth = int(ckpt.config["depth"])
+    if args.attention != "none" and not -depth <= args.attention_layer < depth:
+        raise ScbertError(f"--attention_layer {args.attention_layer} does not exist in a model of depth {depth}: pass "
+                          f"a layer from {-depth} to {depth - 1} (-1 is the last, as in the paper)")
 
     fix = f"run preprocess.py --ref {args.model_path} on the raw data so it uses the model's genes in order"
     adata = read_preprocessed(args.data_path, genes=ckpt.genes, fix_genes=fix)

@@ -321,6 +321,10 @@ def test_attention_per_cell_and_per_type(tiny, tmp_path):
         np.testing.assert_allclose(table[name], per_cell[labels == name].mean(axis=0), rtol=1e-5)
     np.testing.assert_allclose(table["all_cells"], per_cell.mean(axis=0), rtol=1e-5)
     assert set(table.columns) == set(labels) | {"all_cells"}
+    direct = predict.predict_cells(tiny["model"], tiny["values"], batch_size=7, attention_layer=-1)
+    np.testing.assert_allclose(direct.attention[:, :-1], per_cell, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ScbertError, match="--attention_layer 2 does not exist.*from -2 to 1"):
+        run(tiny, tmp_path, "--attention", "type", "--attention_layer", "2", name="bad.h5ad")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
