@@ -319,7 +319,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "the third decimal (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if visible), cpu or cuda (default: %(default)s)")
     parser.add_argument("--heads", type=int, default=None,
-                        help="attention heads; only checked for reference checkpoints (inferred from the weights)")
+                        help="attention heads (published: 10); default: from the checkpoint (stored, or inferred from "
+                        "the weights), which it must match")
     return parser
 
 
