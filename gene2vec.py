@@ -68,12 +68,13 @@ _MIN_CALL_PAIRS = 100_000
 # Reading expression
 
 
-def log_normalise(counts: sp.spmatrix | np.ndarray) -> sp.csr_matrix:
+def log_normalise(counts: sp.spmatrix | np.ndarray, *, copy: bool = True) -> sp.csr_matrix:
     """log2(1 + counts * 1e4 / total) per cell, as `preprocess.py` writes it; cells with no counts stay zero.
 
-    counts: (cells, genes) raw counts. Returns a float32 CSR matrix of the same shape.
+    counts: (cells, genes) raw counts; with `copy=False` a float32 CSR input is overwritten (saves one copy).
+    Returns a float32 CSR matrix of the same shape.
     """
-    X = sp.csr_matrix(counts, dtype=np.float32, copy=True)
+    X = sp.csr_matrix(counts, dtype=np.float32, copy=copy)
     totals = np.asarray(X.sum(axis=1), dtype=np.float64).ravel()
     scale = np.divide(1e4, totals, out=np.zeros_like(totals), where=totals > 0)
     X.data = (np.log1p(X.data * np.repeat(scale, np.diff(X.indptr))) / np.log(2.0)).astype(np.float32)
@@ -100,7 +101,8 @@ def read_expression(path: str, *, table=None) -> tuple[sp.csr_matrix, list[str],
     for log-normalised expression (Pearson r does not depend on the log base); and the symbols are revised against
     NCBI Gene (`genes.revise_symbols`), dropping unknown ones and keeping the first of duplicated ones.
 
-    Returns (X float32 CSR (cells, genes), gene symbols, info dict with `kind`, `cells`, `genes_in`, `genes`).
+    Returns (X float32 CSC (cells, genes), the layout the pair search reads, so it needs no copy of its own; gene
+    symbols; info dict with `kind`, `cells`, `genes_in`, `genes`).
     """
     import anndata
 
@@ -112,6 +114,7 @@ def read_expression(path: str, *, table=None) -> tuple[sp.csr_matrix, list[str],
     if adata.X is None or adata.n_obs == 0 or adata.n_vars == 0:
         raise ScbertError(f"{path} holds no expression matrix (X is empty); pass a file with cells x genes in X")
     X = sp.csr_matrix(adata.X, dtype=np.float32)
+    del adata.X  # where the line above converted (dense, float64), the original is freed now
     if not np.isfinite(X.data).all():
         raise ScbertError(f"{path} has NaN or infinite values in X; fix the input (or rerun preprocess.py on it)")
     names = [str(name) for name in adata.var_names]
@@ -128,7 +131,7 @@ def read_expression(path: str, *, table=None) -> tuple[sp.csr_matrix, list[str],
         # avoid calling small log values counts; log2(1 + CP10K) values are practically never all whole).
         if np.array_equal(data, np.round(data)):
             info["kind"] = "counts"
-            X = log_normalise(X)
+            X = log_normalise(X, copy=False)  # X is this function's own (adata is dropped on return)
         else:
             info["kind"] = "log-normalised"
         revised, _report = revise_symbols(names, table)
@@ -136,11 +139,12 @@ def read_expression(path: str, *, table=None) -> tuple[sp.csr_matrix, list[str],
         names = [str(s) for s in revised]
     if keep.size == 0:
         raise ScbertError(f"no gene symbol of {path} is a known gene; pass a file whose var_names are gene symbols")
+    X = X.tocsc()
     if keep.size < len(names):
         X = X[:, keep]
     symbols = [names[i] for i in keep]
     info["genes"] = len(symbols)
-    return X.tocsr(), symbols, info
+    return X, symbols, info
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -197,7 +201,8 @@ def correlated_gene_pairs(
     X: (cells, genes) log-normalised expression, sparse or dense. Only genes with a non-zero value in at least
     `min_cells` cells (and some variance) take part. Correlations are computed for one block of `block_size` genes
     against the following blocks at a time, with dense float32 products of standardised columns, so memory stays
-    about 2 * cells * block_size * 4 bytes beyond X whatever the number of genes. Only positive correlations count
+    about 2 * cells * block_size * 4 bytes beyond X (and a CSC copy of X unless it is CSC float32 with every gene
+    tested), whatever the number of genes. Only positive correlations count
     (co-expression). If more than `max_pairs` pairs pass (0: no cap), the strongest `max_pairs` are kept.
 
     Returns (first, second, r, n_genes_tested): index arrays with first < second, sorted by (first, second), the
