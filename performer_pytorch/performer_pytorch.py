@@ -41,6 +41,7 @@ from .errors import ScbertError
 from .fast_attention import (
     BlockWeights,
     FavorAttentionFunction,
+    Workspace,
     block_forward_no_grad,
     compute_dtype,
     default_chunk_size,
@@ -321,6 +322,7 @@ class SequentialSequence(nn.Module):
                 x = x + ff(x)
             return x
         owned = False  # whether x is a tensor made here, which the no-grad route may update in place
+        workspace = Workspace(x.device)  # chunk buffers shared by the no-grad blocks of this call
         for attn, ff in self.layers:
             if self.block_needs_grad(x, attn, ff):
                 x = x + attn(x)
@@ -333,7 +335,7 @@ class SequentialSequence(nn.Module):
                         x = x.detach().clone(memory_format=torch.contiguous_format)
                         owned = True
                     weights = BlockWeights.from_block(attn, ff, dtype)
-                    x = block_forward_no_grad(x, weights, attn.fn.tokens_per_chunk(x.device), dtype)
+                    x = block_forward_no_grad(x, weights, attn.fn.tokens_per_chunk(x.device), dtype, workspace)
             else:
                 with torch.no_grad():
                     x = x + attn(x)
