@@ -14,8 +14,9 @@ LAYOUT = SHARED / "reference" / "scbert_state_dict_layout.json"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-# Tests are small; two threads match the CI machine and keep runs comparable.
-torch.set_num_threads(2)
+# Tests use tiny models, for which one thread is fastest; more threads only spin against each other when the
+# machine is busy (seen here: 30x slower with 2 threads under load). Benchmarks set their own thread counts.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
