@@ -52,6 +52,7 @@ from torch import nn
 
 from label_io import write_label_files
 from performer_pytorch import ClassificationHead, PerformerLM, build_model, load_checkpoint
+from performer_pytorch.checkpoint import read_checkpoint_file
 from training import (
     Amp,
     BootstrapSampler,
@@ -495,6 +496,26 @@ def _valid_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, t
             "loss_sum": F.cross_entropy(logits, batch["label"], reduction="sum")}
 
 
+def save_best(args: argparse.Namespace, ctx: DistContext, *, model, genes, classes, labels, metrics) -> None:
+    """`<model_name>_best.pth` (config, genes, classes, metrics) plus the label files and metrics JSON beside it."""
+    best_path = named_checkpoint_path(args.ckpt_dir, args.model_name, "best")
+    save_training_checkpoint(best_path, model=model, ctx=ctx, genes=genes, epoch=metrics["epoch"], classes=classes,
+                             args=args, metrics=metrics)
+    if ctx.is_main:
+        write_label_files(args.ckpt_dir, classes, labels, prefix=f"{args.model_name}_")
+        write_json(os.path.join(args.ckpt_dir, f"{args.model_name}_metrics.json"), metrics)
+
+
+def _best_is_at(best_path: str, epoch: int) -> bool:
+    """Whether the best checkpoint on disk is the one of `epoch` (it is missing or older after an interruption)."""
+    if not os.path.exists(best_path):
+        return False
+    try:
+        return int(read_checkpoint_file(best_path).get("epoch", -1)) == int(epoch)
+    except ScbertError:
+        return False
+
+
 def finetune_split(
     args: argparse.Namespace,
     ctx: DistContext,
@@ -541,6 +562,11 @@ def finetune_split(
             stopper.load_state_dict(state["early_stopping"])
         best_metrics, stopped = state.get("best_metrics"), bool(state.get("stopped"))
         start_epoch = int(payload["epoch"]) + 1
+        if best_metrics is not None and best_metrics["epoch"] == payload["epoch"] and not _best_is_at(
+            best_path, payload["epoch"]
+        ):
+            # Killed between the epoch checkpoint and the best one: the weights just restored are the best ones.
+            save_best(args, ctx, model=model, genes=genes, classes=classes, labels=labels, metrics=best_metrics)
         print0(f"resuming from {resume_path} (epoch {payload['epoch']} complete); next epoch {start_epoch}", ctx=ctx)
 
     x = adata.X
@@ -584,19 +610,18 @@ def finetune_split(
                            "valid_cells": int(valid["cells"]), "valid_time": valid["time"], "best": improved})
             if improved:
                 best_metrics = {"epoch": epoch, **metrics}
-                save_training_checkpoint(best_path, model=model, ctx=ctx, genes=genes, epoch=epoch, classes=classes,
-                                         args=args, metrics=best_metrics)
-                if ctx.is_main:
-                    write_label_files(ckpt_dir, classes, labels, prefix=f"{name}_")
-                    write_json(os.path.join(ckpt_dir, f"{name}_metrics.json"), best_metrics)
             stopped = stopper.should_stop
         scheduler.step()
+        # The epoch checkpoint first, the best one second: if the run is killed in between, the resumed run finds
+        # this epoch complete and rewrites the best checkpoint from the same weights (see _restore_best).
         path = epoch_checkpoint_path(ckpt_dir, name, epoch)
         state = {"early_stopping": stopper.state_dict(), "best_metrics": best_metrics, "stopped": stopped,
                  "unfreeze_layers": args.unfreeze_layers}
         save_training_checkpoint(path, model=model, ctx=ctx, genes=genes, epoch=epoch, optimizer=optimizer,
                                  scheduler=scheduler, amp=amp, classes=classes, args=args, losses=train["loss"],
                                  finetune_state=state)
+        if best_metrics is not None and best_metrics["epoch"] == epoch:
+            save_best(args, ctx, model=model, genes=genes, classes=classes, labels=labels, metrics=best_metrics)
         if ctx.is_main and last_good and not args.keep_epoch_ckpts and os.path.exists(last_good):
             os.remove(last_good)  # the previous epoch of this same run; the new one is complete on disk
         last_good = path

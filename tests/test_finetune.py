@@ -388,6 +388,27 @@ def test_resume_after_an_interruption_continues_where_it_stopped(tiny, tmp_path,
         finetune.main(args_for(tiny["data"], interrupted, *argv, "--resume", "False", model_path=tiny["ckpt"]))
 
 
+def test_killed_between_epoch_and_best_checkpoint_the_rerun_restores_the_best(tiny, tmp_path, monkeypatch):
+    """The epoch checkpoint is written before the best one; a kill in between loses no result."""
+    argv = ["--epoch", 1, "--patience", 0]
+    original = finetune.save_best
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # as if the job were killed right after the epoch checkpoint was written
+
+    monkeypatch.setattr(finetune, "save_best", killed)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.main(args_for(tiny["data"], tmp_path, *argv, model_path=tiny["ckpt"]))
+    assert (tmp_path / "finetune_1.pth").exists() and not (tmp_path / "finetune_best.pth").exists()
+    monkeypatch.setattr(finetune, "save_best", original)
+    finetune.main(args_for(tiny["data"], tmp_path, *argv, model_path=tiny["ckpt"]))  # the same command again
+    best = load_checkpoint(str(tmp_path / "finetune_best.pth"))
+    epoch = load_checkpoint(str(tmp_path / "finetune_1.pth"))
+    assert best.payload["epoch"] == 1 and best.classes
+    assert all(torch.equal(best.state_dict[k], epoch.state_dict[k]) for k in best.state_dict)
+    assert (tmp_path / "finetune_metrics.json").exists() and (tmp_path / "finetune_label_dict.txt").exists()
+
+
 def _free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
