@@ -147,26 +147,46 @@ def exp_features_(s: torch.Tensor, diag: torch.Tensor, stabiliser: torch.Tensor)
     return s.sub_((diag + stabiliser).to(s.dtype)).exp2_()
 
 
-def query_exp_features(q_t: torch.Tensor, ps2: torch.Tensor, ws: Workspace, acc_dtype, *, with_argmax=False):
+def query_exp_features(q_t: torch.Tensor, ps2: torch.Tensor, ws: Workspace, acc_dtype, *, with_max_mask=False):
     """E_q = exp(s - diag - max_m s), the stabiliser per token. q_t: (h, d, c); ps2: (m, d) Ps log2(e).
 
-    Returns E (h, m, c) in q_t's dtype (the workspace's "features" buffer) and, with_argmax, the index (h, 1, c) of
-    each token's max feature (where the stabiliser's gradient goes).
+    Returns E (h, m, c) in q_t's dtype (the workspace's "features" buffer) and, with_max_mask, where the stabiliser's
+    gradient goes: `MaxMask` of the maximal features of each token.
     """
     h, d, c = q_t.shape
     s = torch.matmul(ps2, q_t, out=ws.take("features", (h, ps2.shape[0], c), q_t.dtype))
-    if with_argmax:
-        stabiliser, argmax = s.max(dim=1, keepdim=True)
-    else:
-        stabiliser, argmax = s.amax(dim=1, keepdim=True), None
-    return exp_features_(s, half_sq_norm_log2(q_t, ws, acc_dtype), stabiliser.to(acc_dtype)), argmax
+    stabiliser = s.amax(dim=1, keepdim=True)
+    mask = MaxMask.of(s, stabiliser, ws, acc_dtype, dim=1) if with_max_mask else None
+    return exp_features_(s, half_sq_norm_log2(q_t, ws, acc_dtype), stabiliser.to(acc_dtype)), mask
 
 
-def key_exp_features(k_t: torch.Tensor, ps2: torch.Tensor, stabiliser: torch.Tensor, ws: Workspace, acc_dtype):
-    """E_k given the cell's key stabiliser (a scalar, log2 units). k_t: (h, d, c) -> (h, m, c)."""
+def key_exp_features(
+    k_t: torch.Tensor, ps2: torch.Tensor, stabiliser: torch.Tensor, ws: Workspace, acc_dtype, *, with_max_mask=False
+):
+    """E_k given the cell's key stabiliser (a scalar, log2 units). k_t: (h, d, c) -> (h, m, c) [, MaxMask]."""
     h, d, c = k_t.shape
     s = torch.matmul(ps2, k_t, out=ws.take("features", (h, ps2.shape[0], c), k_t.dtype))
-    return exp_features_(s, half_sq_norm_log2(k_t, ws, acc_dtype), stabiliser)
+    mask = MaxMask.of(s, stabiliser.to(s.dtype), ws, acc_dtype, dim=None) if with_max_mask else None
+    return exp_features_(s, half_sq_norm_log2(k_t, ws, acc_dtype), stabiliser), mask
+
+
+@dataclass
+class MaxMask:
+    """Where s equals its max (1.0) and how many entries tie, as autograd's amax backward uses them: the gradient
+    of the max is shared equally by the tied entries. Float masks: comparisons into a bool tensor and arithmetic
+    with it are 5-8x slower on CPU than into a float one (measured).
+
+    is_max: (h, m, c) in s's dtype (a workspace view: use it before the next chunk); ties: per token (h, 1, c) for
+    the query stabiliser (dim=1), or a scalar count over the chunk for the key stabiliser (dim=None)."""
+
+    is_max: torch.Tensor
+    ties: torch.Tensor
+
+    @classmethod
+    def of(cls, s: torch.Tensor, max_value: torch.Tensor, ws: Workspace, acc_dtype, *, dim: int | None) -> MaxMask:
+        is_max = torch.eq(s, max_value, out=ws.take("is_max", tuple(s.shape), s.dtype))
+        ties = is_max.sum(dtype=acc_dtype) if dim is None else is_max.sum(dim=dim, keepdim=True, dtype=acc_dtype)
+        return cls(is_max, ties)
 
 
 class KeyValueSums:
@@ -185,9 +205,8 @@ class KeyValueSums:
         self.v_sum = torch.zeros(heads, dim_head, **kw)  # (h, d)
         self.count = 0
         self.max = torch.full((), -math.inf, **kw)
-        self.max_chunk = 0  # which chunk holds the max
 
-    def add_chunk(self, k_t: torch.Tensor, v_t: torch.Tensor, ps2: torch.Tensor, chunk_index: int = 0) -> None:
+    def add_chunk(self, k_t: torch.Tensor, v_t: torch.Tensor, ps2: torch.Tensor) -> None:
         """Fold in one chunk. k_t, v_t: (h, d, c); ps2: Ps log2(e)."""
         ws, acc_dtype = self.ws, self.acc_dtype
         h, d, c = k_t.shape
@@ -199,7 +218,6 @@ class KeyValueSums:
         if bool(chunk_max > self.max):
             self.exp_sums.mul_(torch.exp2(self.max - chunk_max))
             self.max = chunk_max
-            self.max_chunk = chunk_index
         exp_features_(s, half_sq_norm_log2(k_t, ws, acc_dtype), self.max)
         v_ones = ws.take("v_ones", (h, d + 1, c), v_t.dtype)
         v_ones[:, :d].copy_(v_t)
@@ -213,17 +231,6 @@ class KeyValueSums:
         eps_part = torch.cat([self.v_sum, torch.full_like(self.v_sum[:, :1], float(self.count))], dim=1)
         return self.exp_sums + EPS * eps_part.unsqueeze(2)
 
-    def max_location(self, k_cell: torch.Tensor, ps2: torch.Tensor, heads: int, chunk_size: int) -> torch.Tensor:
-        """(head, feature, token) of the key stabiliser, by recomputing s for the chunk that holds it.
-
-        k_cell: (n, h d). Done once per cell: cheaper than tracking an argmax in every chunk."""
-        start = self.max_chunk * chunk_size
-        k_t = _heads_t(k_cell[start : start + chunk_size], heads)
-        s = torch.matmul(ps2, k_t)  # (h, m, c)
-        c = s.shape[2]
-        flat = int(s.view(-1).argmax())
-        return torch.tensor([flat // (s.shape[1] * c), (flat // c) % s.shape[1], flat % c + start])
-
 
 class CellContext:
     """What queries need from a cell's keys: [C | z] transposed in the compute dtype and its eps column sums."""
@@ -234,22 +241,20 @@ class CellContext:
         self.eps_sums = EPS * czt.sum(dim=2, keepdim=True)  # (h, d + 1, 1): phi_q = E_q + eps adds eps sum_m
 
 
-def attend_chunk(
-    q_t: torch.Tensor, context: CellContext, ps2: torch.Tensor, ws: Workspace, acc_dtype, *, with_argmax=False
-):
+def attend_chunk(q_t: torch.Tensor, context: CellContext, ps2: torch.Tensor, ws: Workspace, acc_dtype):
     """Linear attention of one query chunk against a cell's context.
 
     q_t: (h, d, c). phi_q [C | z] = E_q [C | z] + eps sum_m [C | z]: the eps part is one small vector instead of a
     pass over (h, m, c). Returns out (h, d, c) = phi_q C / (phi_q . z) and the denominator (h, 1, c), both in acc
-    dtype and both workspace views (copy them before the next chunk), and with_argmax the query stabiliser's argmax.
+    dtype and both workspace views (copy them before the next chunk).
     """
     h, d, c = q_t.shape
-    e_q, argmax = query_exp_features(q_t, ps2, ws, acc_dtype, with_argmax=with_argmax)
+    e_q, _ = query_exp_features(q_t, ps2, ws, acc_dtype)
     weighted = torch.bmm(context.czt_c, e_q, out=ws.take("weighted", (h, d + 1, c), e_q.dtype))
     weighted = ws.cast("weighted_acc", weighted, acc_dtype).add_(context.eps_sums)
     denominator = weighted[:, d:]
     out = torch.div(weighted[:, :d], denominator, out=ws.take("attended", (h, d, c), acc_dtype))
-    return out, denominator, argmax
+    return out, denominator
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -354,7 +359,7 @@ def block_forward_no_grad(
             normed = _layer_norm(part, w.norm1).to(dtype)
             c = normed.shape[0]
             q_t = _linear_t(normed, w.w_q, w.b_q, ws.take("projected", (h * d, c), dtype))
-            attended, _, _ = attend_chunk(q_t.view(h, d, c), context, w.ps2, ws, acc_dtype)
+            attended, _ = attend_chunk(q_t.view(h, d, c), context, w.ps2, ws, acc_dtype)
             attended = ws.cast("attended_c", attended, dtype).view(h * d, c)
             part.add_(_linear(attended.t(), w.w_out, w.b_out, ws.take("out", (c, dim), dtype)))
             normed = _layer_norm(part, w.norm2).to(dtype)
@@ -375,80 +380,115 @@ def _heads_t(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.t().view(heads, -1, c)
 
 
-def _chunks(n: int, chunk_size: int) -> Iterator[tuple[int, int, int]]:
-    """(index, start, stop) of the token chunks."""
-    for index, start in enumerate(range(0, n, chunk_size)):
-        yield index, start, min(start + chunk_size, n)
+def _chunks(n: int, chunk_size: int) -> Iterator[tuple[int, int]]:
+    """(start, stop) of the token chunks."""
+    for start in range(0, n, chunk_size):
+        yield start, min(start + chunk_size, n)
+
+
+def favor_self_attention(
+    x: torch.Tensor,
+    w_qkv: torch.Tensor,
+    b_qkv: torch.Tensor | None,
+    projection: torch.Tensor,
+    heads: int,
+    chunk_size: int,
+) -> torch.Tensor:
+    """q, k, v projections and FAVOR+ attention, chunked over tokens, differentiable (`FavorAttentionFunction`).
+
+    x: (batch, n, dim) (the LayerNorm output); w_qkv: (3 h d, dim), the q, k and v weights stacked; b_qkv: (3 h d,)
+    or None; projection: (m, d). Returns the attention output before `to_out`, (batch, n, h d)."""
+    return FavorAttentionFunction.apply(x, w_qkv, b_qkv, projection, heads, chunk_size)
 
 
 class FavorAttentionFunction(torch.autograd.Function):
-    """FAVOR+ softmax-kernel attention, q, k, v (batch, n, h d) -> (batch, n, h d), chunked over tokens.
+    """x -> [q; k; v] = W_qkv x (+ b) -> FAVOR+ softmax-kernel attention, chunked over tokens, token-major in and out.
 
-    Equal to `linear_attention(softmax_kernel(q), softmax_kernel(k), v)` of the plain path (per-cell key stabiliser)
-    including the gradient through the stabilisers, which in the plain path flows to the argmax entries of s
-    (autograd splits it among exact ties; here it goes to one of them).
+    Equal to the plain path's `linear_attention(softmax_kernel(q), softmax_kernel(k), v)` (per-cell key stabiliser),
+    gradients included, also through the stabilisers, which autograd sends to the max entries of s (shared equally
+    by exact ties). The projections are inside so that q, k, v exist only head-major, [q; k; v]^T (3 h d, n) per
+    cell, computed and differentiated chunk by chunk: no transposed copies and no (batch, n, 3 h d) gradient.
 
-    Saved for backward: q, k, v, the output, and per cell [C | z] (h, m, d + 1), the denominators (h, n), the key
-    stabiliser and its location. Backward, per cell and head, with G = g / D and r = (g . out) / D:
+    Saved for backward: x, W_qkv, [q; k; v]^T, the output, and per cell [C | z]^T (h, d + 1, m), the denominators
+    (h, n) and the key stabiliser. Backward, per cell and head, with G = g / D and r = (g . out) / D:
         g_[C|z] = sum_n phi_q,n [G_n, -r_n]        g_phi_q,n = [C | z] [G_n; -r_n]
         g_phi_k,n = g_C v_n + g_z                  g_v,n = g_C^T phi_k,n
     and through E = exp(s - diag - stab): g_s = g_phi E; g_diag = g_stab = -sum g_s (over features for queries, over
-    the whole cell for keys, added at the argmax); g_x = Ps^T g_s + g_diag d^-1/2 x.
+    the whole cell for keys, added at the max entries); g_q,k = Ps^T g_s + g_diag d^-1/2 (q, k). Features are
+    recomputed chunk by chunk (two extra (m, d) x (d, c) products per chunk instead of keeping (h, m, n) tensors).
+    Then g_W += g_[q;k;v] x and g_x = g_[q;k;v]^T W, per chunk.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, projection, heads: int, chunk_size: int):
-        dtype = compute_dtype(q)
+    def forward(ctx, x, w_qkv, b_qkv, projection, heads: int, chunk_size: int):
+        dtype = compute_dtype(x)
         acc_dtype = accumulation_dtype(dtype)
-        ws = Workspace(q.device)
-        with torch.autocast(q.device.type, enabled=False):
-            q, k, v = (t.to(dtype) for t in (q, k, v))
-            dim_head = q.shape[-1] // heads
+        ws = Workspace(x.device)
+        with torch.autocast(x.device.type, enabled=False):
+            w = w_qkv.detach().to(dtype)
+            bias = None if b_qkv is None else b_qkv.detach().to(dtype).unsqueeze(1)
+            b, n, _ = x.shape
+            inner = w.shape[0] // 3
+            d = inner // heads
             _, ps2 = projections(projection, dtype)
-            b, n, _ = q.shape
             m = ps2.shape[0]
-            out = torch.empty_like(q)
-            czt_all = torch.empty(b, heads, dim_head + 1, m, device=q.device, dtype=acc_dtype)
-            den_all = torch.empty(b, heads, n, device=q.device, dtype=acc_dtype)
-            key_max = torch.empty(b, device=q.device, dtype=acc_dtype)
-            key_argmax = torch.empty(b, 3, dtype=torch.long)
+            kw = dict(device=x.device, dtype=acc_dtype)
+            qkv_t = torch.empty(b, 3 * inner, n, device=x.device, dtype=dtype)
+            out = torch.empty(b, n, inner, device=x.device, dtype=dtype)
+            czt_all = torch.empty(b, heads, d + 1, m, **kw)
+            den_all = torch.empty(b, heads, n, **kw)
+            key_max = torch.empty(b, **kw)
             for i in range(b):
-                sums = KeyValueSums(heads, m, dim_head, ws=ws, acc_dtype=acc_dtype)
-                for index, start, stop in _chunks(n, chunk_size):
-                    sums.add_chunk(_heads_t(k[i, start:stop], heads), _heads_t(v[i, start:stop], heads), ps2, index)
+                sums = KeyValueSums(heads, m, d, ws=ws, acc_dtype=acc_dtype)
+                for start, stop in _chunks(n, chunk_size):
+                    x_chunk = x[i, start:stop].to(dtype)
+                    kv = _linear_t(
+                        x_chunk, w[inner:], _rows(bias, inner, None), ws.take("kv", (2 * inner, stop - start), dtype)
+                    )
+                    qkv_t[i, inner:, start:stop].copy_(kv)  # saved for backward
+                    sums.add_chunk(kv[:inner].view(heads, d, -1), kv[inner:].view(heads, d, -1), ps2)
                 context = CellContext(sums.context(), dtype)
-                for _, start, stop in _chunks(n, chunk_size):
-                    attended, den, _ = attend_chunk(_heads_t(q[i, start:stop], heads), context, ps2, ws, acc_dtype)
-                    out[i, start:stop].copy_(attended.view(heads * dim_head, -1).t())
+                for start, stop in _chunks(n, chunk_size):
+                    x_chunk = x[i, start:stop].to(dtype)
+                    q = _linear_t(x_chunk, w[:inner], _rows(bias, 0, inner), ws.take("q", (inner, stop - start), dtype))
+                    qkv_t[i, :inner, start:stop].copy_(q)
+                    attended, den = attend_chunk(q.view(heads, d, -1), context, ps2, ws, acc_dtype)
+                    out[i, start:stop].copy_(attended.view(inner, -1).t())
                     den_all[i, :, start:stop].copy_(den.squeeze(1))
                 czt_all[i], key_max[i] = context.czt, sums.max
-                key_argmax[i] = sums.max_location(k[i], ps2, heads, chunk_size)
-        ctx.save_for_backward(q, k, v, out, projection, czt_all, den_all, key_max)
-        ctx.key_argmax, ctx.heads, ctx.chunk_size, ctx.dtype = key_argmax, heads, chunk_size, dtype
+        ctx.save_for_backward(x, w, qkv_t, out, projection, czt_all, den_all, key_max)
+        ctx.heads, ctx.chunk_size, ctx.dtype, ctx.has_bias = heads, chunk_size, dtype, b_qkv is not None
+        ctx.param_dtype = w_qkv.dtype
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        q, k, v, out, projection, czt_all, den_all, key_max = ctx.saved_tensors
+        x, w, qkv_t, out, projection, czt_all, den_all, key_max = ctx.saved_tensors
         heads, chunk_size, dtype = ctx.heads, ctx.chunk_size, ctx.dtype
         acc_dtype = accumulation_dtype(dtype)
-        ws = Workspace(q.device)
-        b, n, inner = q.shape
+        ws = Workspace(x.device)
+        b, n, dim = x.shape
+        inner = w.shape[0] // 3
         d = inner // heads
         ps, ps2 = projections(projection, dtype)
         m = ps.shape[0]
-        grad_out = grad_out.to(dtype)
-        grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        with torch.autocast(q.device.type, enabled=False):
+        grad_out = grad_out.to(dtype).contiguous()
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        grad_x = torch.empty_like(x)
+        grad_w = torch.zeros(3 * inner, dim, device=x.device, dtype=acc_dtype)
+        grad_b = torch.zeros(3 * inner, device=x.device, dtype=acc_dtype)
+        with torch.autocast(x.device.type, enabled=False):
             for i in range(b):
-                cz_c = czt_all[i].to(dtype).transpose(1, 2)  # [C | z] (h, m, d + 1)
-                # Pass over query chunks: g_q and the gradient of [C | z] (kept transposed, (h, d + 1, m)).
-                grad_czt = torch.zeros_like(czt_all[i])
-                grad_cz_eps = torch.zeros(heads, d + 1, 1, device=q.device, dtype=acc_dtype)
-                for _, start, stop in _chunks(n, chunk_size):
+                q_t, k_t, v_t = (t.view(heads, d, n) for t in qkv_t[i].split(inner))
+                czt = czt_all[i]
+                cz_c = czt.to(dtype).transpose(1, 2)  # [C | z] (h, m, d + 1)
+                # Pass over query chunks: g_q, and the gradient of [C | z] (kept transposed, (h, d + 1, m)).
+                grad_czt = torch.zeros_like(czt)
+                grad_cz_eps = torch.zeros(heads, d + 1, 1, device=x.device, dtype=acc_dtype)
+                for start, stop in _chunks(n, chunk_size):
                     c = stop - start
-                    g_t = _heads_t(grad_out[i, start:stop], heads)  # (h, d, c)
+                    g_t = _heads_t(grad_out[i, start:stop], heads)  # (h, d, c) strided view
                     den = den_all[i, :, start:stop].unsqueeze(1)  # (h, 1, c)
                     gr = ws.take("gr", (heads, d + 1, c), acc_dtype)  # [G; -r]
                     torch.div(g_t, den, out=gr[:, :d])
@@ -457,57 +497,128 @@ class FavorAttentionFunction(torch.autograd.Function):
                     torch.div(g_dot_out.sum(dim=1, keepdim=True), den, out=gr[:, d:]).neg_()
                     grad_cz_eps.add_(gr.sum(dim=2, keepdim=True))
                     gr_c = ws.cast("gr_c", gr, dtype)
-                    q_t = _heads_t(q[i, start:stop], heads)
-                    e_q, argmax = query_exp_features(q_t, ps2, ws, acc_dtype, with_argmax=True)
+                    q_chunk = q_t[:, :, start:stop]
+                    e_q, max_mask = query_exp_features(q_chunk, ps2, ws, acc_dtype, with_max_mask=True)
                     _mm_into(grad_czt, gr_c, e_q.transpose(1, 2), ws)
                     g_s = torch.bmm(cz_c, gr_c, out=ws.take("grad_features", (heads, m, c), dtype)).mul_(e_q)
-                    grad_x, _ = _features_input_grad(g_s, q_t, ps, ws, acc_dtype, argmax=argmax)
-                    grad_q[i, start:stop].copy_(grad_x.view(inner, c).t())
+                    # The stabiliser's gradient, -sum_m g_s per token, goes to its max entries (before Ps^T).
+                    g_diag = g_s.sum(dim=1, keepdim=True, dtype=acc_dtype).neg_()
+                    g_s.addcmul_(max_mask.is_max, (g_diag / max_mask.ties).to(dtype))
+                    grad_q = _features_input_grad(g_s, g_diag, q_chunk, ps, ws, acc_dtype)
+                    grad_q = ws.cast("grad_q_c", grad_q, dtype).view(inner, c)
+                    _projection_backward(
+                        grad_q,
+                        x[i, start:stop],
+                        w[:inner],
+                        ws,
+                        grad_w=grad_w[:inner] if need_w else None,
+                        grad_b=grad_b[:inner] if need_w else None,
+                        grad_x=grad_x[i, start:stop] if need_x else None,
+                        accumulate=False,
+                    )
                 grad_czt.add_(EPS * grad_cz_eps)
                 grad_ct_x = grad_czt[:, :d].to(dtype)  # g_C^T (h, d, m)
                 grad_z_x = grad_czt[:, d:].transpose(1, 2).to(dtype)  # g_z (h, m, 1)
-                grad_c_eps = (EPS * grad_czt[:, :d].sum(dim=2)).to(dtype).view(1, inner)  # phi_k's eps part of g_v
-                # Pass over key chunks: g_k, g_v and the gradient of the (whole-cell) key stabiliser.
-                grad_max = torch.zeros((), device=q.device, dtype=acc_dtype)
-                for _, start, stop in _chunks(n, chunk_size):
+                grad_c_eps = (EPS * grad_czt[:, :d].sum(dim=2, keepdim=True)).to(dtype)  # (h, d, 1): phi_k's eps
+                # Pass over key chunks: g_k, g_v and the gradient of the (whole-cell) key stabiliser, which is only
+                # known at the end: the entries holding the max are remembered and corrected afterwards.
+                grad_max = torch.zeros((), device=x.device, dtype=acc_dtype)
+                ties = torch.zeros((), device=x.device, dtype=acc_dtype)
+                tied = []  # (head, feature, token) of the entries equal to the key stabiliser
+                for start, stop in _chunks(n, chunk_size):
                     c = stop - start
-                    k_t, v_t = _heads_t(k[i, start:stop], heads), _heads_t(v[i, start:stop], heads)
-                    e_k = key_exp_features(k_t, ps2, key_max[i], ws, acc_dtype)  # (h, m, c)
-                    grad_v_t = torch.bmm(grad_ct_x, e_k, out=ws.take("grad_v", (heads, d, c), dtype))
-                    grad_v[i, start:stop].copy_(grad_v_t.view(inner, c).t()).add_(grad_c_eps)
+                    k_chunk, v_chunk = k_t[:, :, start:stop], v_t[:, :, start:stop]
+                    e_k, max_mask = key_exp_features(k_chunk, ps2, key_max[i], ws, acc_dtype, with_max_mask=True)
+                    if bool(max_mask.ties > 0):
+                        where = max_mask.is_max.nonzero()
+                        where[:, 2] += start
+                        tied.append(where)
+                        ties += max_mask.ties
+                    grad_kv = ws.take("grad_kv", (2 * inner, c), dtype)
+                    grad_v = torch.bmm(grad_ct_x, e_k, out=grad_kv[inner:].view(heads, d, c))
+                    grad_v.add_(grad_c_eps)
                     g_phi = torch.baddbmm(
-                        grad_z_x, grad_ct_x.transpose(1, 2), v_t, out=ws.take("grad_features", (heads, m, c), dtype)
+                        grad_z_x, grad_ct_x.transpose(1, 2), v_chunk, out=ws.take("grad_features", (heads, m, c), dtype)
                     )
                     g_s = g_phi.mul_(e_k)
-                    grad_x, g_diag = _features_input_grad(g_s, k_t, ps, ws, acc_dtype)
+                    g_diag = g_s.sum(dim=1, keepdim=True, dtype=acc_dtype).neg_()
                     grad_max.add_(g_diag.sum())
-                    grad_k[i, start:stop].copy_(grad_x.view(inner, c).t())
-                head, feature, token = ctx.key_argmax[i].tolist()
-                grad_k[i, token, head * d : (head + 1) * d] += (grad_max * ps[feature]).to(dtype)
-        return grad_q, grad_k, grad_v, None, None, None
+                    grad_kv[:inner].copy_(_features_input_grad(g_s, g_diag, k_chunk, ps, ws, acc_dtype).view(inner, c))
+                    _projection_backward(
+                        grad_kv,
+                        x[i, start:stop],
+                        w[inner:],
+                        ws,
+                        grad_w=grad_w[inner:] if need_w else None,
+                        grad_b=grad_b[inner:] if need_w else None,
+                        grad_x=grad_x[i, start:stop] if need_x else None,
+                        accumulate=True,
+                    )
+                if not tied:  # cannot happen with deterministic matmuls; then take the max of the recomputed s
+                    tied, ties = [_locate_max(k_t, ps2, chunk_size)], 1.0
+                for head, feature, token in torch.cat(tied).tolist():
+                    # g_k[token, head] += g_max / ties * Ps[feature], pushed through the projection
+                    rows = slice(inner + head * d, inner + (head + 1) * d)
+                    grad_k = (grad_max / ties * ps[feature]).to(acc_dtype)  # (d,)
+                    if need_w:
+                        grad_w[rows].addr_(grad_k, x[i, token].to(acc_dtype))
+                        grad_b[rows].add_(grad_k)
+                    if need_x:
+                        grad_x[i, token].add_((grad_k @ w[rows].to(acc_dtype)).to(grad_x.dtype))
+        grad_x = grad_x if need_x else None
+        grad_w = grad_w.to(ctx.param_dtype) if ctx.needs_input_grad[1] else None
+        grad_b = grad_b.to(ctx.param_dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+def _rows(bias: torch.Tensor | None, start: int, stop: int | None) -> torch.Tensor | None:
+    return None if bias is None else bias[start:stop]
+
+
+def _projection_backward(grad_t, x_chunk, w, ws: Workspace, *, grad_w, grad_b, grad_x, accumulate: bool) -> None:
+    """Backward of y^T = W x^T (+ b) for one chunk: grad_t (out, c) in the compute dtype, x_chunk (c, dim).
+
+    grad_w (out, dim) and grad_b (out,) accumulate (acc dtype); grad_x (c, dim) is written, or added to when
+    `accumulate`. A None target is skipped (frozen weights, an input that needs no gradient)."""
+    dtype = grad_t.dtype
+    if grad_w is not None:
+        _mm_into(grad_w, grad_t, x_chunk.to(dtype), ws)  # (out, c) @ (c, dim)
+        grad_b.add_(grad_t.sum(dim=1, dtype=grad_b.dtype))
+    if grad_x is not None:
+        product = torch.mm(grad_t.t(), w, out=ws.take("grad_x_chunk", (x_chunk.shape[0], w.shape[1]), dtype))
+        (grad_x.add_ if accumulate else grad_x.copy_)(product)
+
+
+def _locate_max(k_t: torch.Tensor, ps2: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """(1, 3) (head, feature, token) of the largest s = ps2 k over a cell; k_t: (h, d, n)."""
+    best, where = -math.inf, None
+    for start, stop in _chunks(k_t.shape[2], chunk_size):
+        s = torch.matmul(ps2, k_t[:, :, start:stop])  # (h, m, c)
+        value, flat = s.view(-1).max(dim=0)
+        if float(value) > best:
+            m, c = s.shape[1], s.shape[2]
+            best, flat = float(value), int(flat)
+            where = torch.tensor([[flat // (m * c), (flat // c) % m, flat % c + start]])
+    return where
 
 
 def _mm_into(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, ws: Workspace) -> None:
-    """acc += a @ b (batched), without a fresh temporary."""
+    """acc += a @ b (2-D or batched), without a fresh temporary."""
+    batched = a.dim() == 3
     if a.dtype == acc.dtype:
-        acc.baddbmm_(a, b)
+        (acc.baddbmm_ if batched else acc.addmm_)(a, b)
     else:
-        acc.add_(torch.bmm(a, b, out=ws.take("product", (a.shape[0], a.shape[1], b.shape[2]), a.dtype)))
+        shape = (*a.shape[:-1], b.shape[-1])
+        acc.add_((torch.bmm if batched else torch.mm)(a, b, out=ws.take("product", shape, a.dtype)))
 
 
-def _features_input_grad(g_s, x_t, ps, ws: Workspace, acc_dtype, *, argmax=None):
-    """Gradient w.r.t. x of E = exp(Ps x - diag(x) - stab), given g_s = g_E * E (h, m, c) in the compute dtype.
+def _features_input_grad(g_s, g_diag, x_t, ps, ws: Workspace, acc_dtype) -> torch.Tensor:
+    """Gradient w.r.t. x (h, d, c) of E = exp(Ps x - diag(x) - stab): g_x = Ps^T g_s + g_diag d^-1/2 x.
 
-    g_diag = g_stab = -sum_m g_s per token; g_x = Ps^T g_s + g_diag d^-1/2 x, plus g_stab Ps[argmax] when the
-    stabiliser is the per-token max (for keys the caller adds the whole-cell stabiliser's gradient).
-    Returns g_x (h, d, c) in acc dtype (a workspace view) and g_diag (h, 1, c).
+    g_s = g_E * E (h, m, c) in the compute dtype, including the stabiliser's share; g_diag = -sum_m g_E * E (h, 1, c).
+    Returns (h, d, c) in acc dtype (a workspace view).
     """
     h, d, c = x_t.shape
-    g_diag = g_s.sum(dim=1, keepdim=True, dtype=acc_dtype).neg_()  # (h, 1, c)
     grad = torch.matmul(ps.t(), g_s, out=ws.take("grad_x", (h, d, c), g_s.dtype))
     grad = ws.cast("grad_x_acc", grad, acc_dtype)
-    grad.addcmul_(ws.cast("x_acc", x_t, acc_dtype), g_diag * d**-0.5)
-    if argmax is not None:
-        picked = torch.index_select(ps, 0, argmax.view(-1), out=ws.take("picked", (h * c, d), ps.dtype))
-        grad.addcmul_(ws.cast("picked_acc", picked, acc_dtype).view(h, c, d).transpose(1, 2), g_diag)
-    return grad, g_diag
+    return grad.addcmul_(ws.cast("x_acc", x_t, acc_dtype), g_diag * d**-0.5)

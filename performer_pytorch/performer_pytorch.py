@@ -40,12 +40,12 @@ from torch import nn
 from .errors import ScbertError
 from .fast_attention import (
     BlockWeights,
-    FavorAttentionFunction,
     Workspace,
     block_forward_no_grad,
     compute_dtype,
     default_chunk_size,
     fast_path_enabled,
+    favor_self_attention,
 )
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -221,14 +221,21 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (batch, tokens, dim) -> (batch, tokens, dim)."""
         if fast_path_enabled() and self.fast_path_supported:
-            q, k, v = (proj(x) for proj in (self.to_q, self.to_k, self.to_v))  # (b, n, h d) each
-            projection = self.fast_attention.projection_matrix
-            out = FavorAttentionFunction.apply(q, k, v, projection, self.heads, self.tokens_per_chunk(x.device))
-            return self.dropout(self.to_out(out))
+            return self.forward_fast(x)
         q, k, v = (self.split_heads(proj(x)) for proj in (self.to_q, self.to_k, self.to_v))
         out = self.fast_attention(q, k, v)  # (b, h, n, d)
         out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
         return self.dropout(self.to_out(out))
+
+
+    def forward_fast(self, x: torch.Tensor) -> torch.Tensor:
+        """The fast path's autograd route: projections and attention in one chunked autograd Function."""
+        projections = (self.to_q, self.to_k, self.to_v)
+        w_qkv = torch.cat([p.weight for p in projections])  # (3 h d, dim)
+        b_qkv = None if self.to_q.bias is None else torch.cat([p.bias for p in projections])
+        projection = self.fast_attention.projection_matrix
+        out = favor_self_attention(x, w_qkv, b_qkv, projection, self.heads, self.tokens_per_chunk(x.device))
+        return self.dropout(self.to_out(out))  # out: (b, n, h d)
 
 
 class FeedForward(nn.Module):

@@ -2,10 +2,11 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import performer_pytorch.performer_pytorch as model_module
 from performer_pytorch import ClassificationHead, PerformerLM, build_model, load_checkpoint, plain_attention
-from performer_pytorch.fast_attention import FavorAttentionFunction
+from performer_pytorch.fast_attention import favor_self_attention
 from performer_pytorch.performer_pytorch import gaussian_orthogonal_random_matrix, linear_attention, softmax_kernel
 
 
@@ -54,45 +55,55 @@ def test_no_grad_path_leaves_the_callers_tensor_alone():
     assert torch.equal(x, before) and not torch.equal(out, x)
 
 
-def plain_core(q, k, v, projection, heads):
-    """The plain path's attention on (b, n, h d) tensors, for comparison with the custom Function."""
-    b, n, _ = q.shape
-    q, k, v = (t.view(b, n, heads, -1).transpose(1, 2) for t in (q, k, v))
+def plain_attention_layer(x, w_qkv, projection, heads):
+    """The plain path's projections and attention (batch, n, dim) -> (batch, n, h d), as SelfAttention computes them."""
+    b, n, _ = x.shape
+    q, k, v = (F.linear(x, w).view(b, n, heads, -1).transpose(1, 2) for w in w_qkv.chunk(3))
     out = linear_attention(
         softmax_kernel(q, projection, is_query=True), softmax_kernel(k, projection, is_query=False), v
     )
     return out.transpose(1, 2).reshape(b, n, -1)
 
 
-def core_inputs(dtype, b=2, n=11, heads=2, dim_head=4, nb_features=7):
+def layer_inputs(dtype, b=2, n=11, dim=6, heads=2, dim_head=4, nb_features=7):
     torch.manual_seed(2)
-    q, k, v = (torch.randn(b, n, heads * dim_head, dtype=dtype, requires_grad=True) for _ in range(3))
+    x = torch.randn(b, n, dim, dtype=dtype, requires_grad=True)
+    w_qkv = (torch.randn(3 * heads * dim_head, dim, dtype=dtype) * dim**-0.5).requires_grad_()
     projection = gaussian_orthogonal_random_matrix(nb_features, dim_head).to(dtype)
-    return q, k, v, projection
+    return x, w_qkv, projection
 
 
 def test_attention_function_gradcheck_float64():
-    q, k, v, projection = core_inputs(torch.float64, n=7)
+    x, w_qkv, projection = layer_inputs(torch.float64, n=7)
     assert torch.autograd.gradcheck(
-        lambda q, k, v: FavorAttentionFunction.apply(q, k, v, projection, 2, 3),
-        (q, k, v),
-        eps=1e-6,
-        atol=1e-7,
-        fast_mode=True,
+        lambda x, w: favor_self_attention(x, w, None, projection, 2, 3), (x, w_qkv), eps=1e-6, atol=1e-7, fast_mode=True
     )
+
+
+def assert_same_output_and_gradients(x, w_qkv, projection, chunk, tolerance):
+    fast = favor_self_attention(x, w_qkv, None, projection, 2, chunk)
+    plain = plain_attention_layer(x, w_qkv, projection, 2)
+    assert rel_err(fast, plain) < tolerance
+    weights = torch.randn_like(plain)
+    fast_grads = torch.autograd.grad((fast * weights).sum(), (x, w_qkv))
+    plain_grads = torch.autograd.grad((plain * weights).sum(), (x, w_qkv))
+    for fast_grad, plain_grad in zip(fast_grads, plain_grads, strict=True):
+        assert rel_err(fast_grad, plain_grad) < tolerance
 
 
 @pytest.mark.parametrize("chunk", [3, 11])
 def test_attention_function_equals_plain_autograd_float64(chunk):
-    q, k, v, projection = core_inputs(torch.float64)
-    fast = FavorAttentionFunction.apply(q, k, v, projection, 2, chunk)
-    plain = plain_core(q, k, v, projection, 2)
-    assert rel_err(fast, plain) < 1e-12
-    weights = torch.randn_like(plain)
-    fast_grads = torch.autograd.grad((fast * weights).sum(), (q, k, v))
-    plain_grads = torch.autograd.grad((plain * weights).sum(), (q, k, v))
-    for fast_grad, plain_grad in zip(fast_grads, plain_grads, strict=True):
-        assert rel_err(fast_grad, plain_grad) < 1e-10
+    assert_same_output_and_gradients(*layer_inputs(torch.float64), chunk, 1e-10)
+
+
+def test_stabiliser_ties_share_the_gradient_like_autograd():
+    """Exact ties at the stabilisers' max: two identical, dominant rows of the projection, so that for every token
+    (query stabiliser) and every cell (key stabiliser) the max is reached twice. Autograd's amax shares the gradient
+    equally between ties; so must the custom backward."""
+    x, w_qkv, projection = layer_inputs(torch.float64)
+    projection[0] *= 3.0
+    projection[1] = projection[0]
+    assert_same_output_and_gradients(x, w_qkv, projection, 4, 1e-10)
 
 
 def trainable_grads(model, tokens, weights):
