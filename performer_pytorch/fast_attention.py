@@ -2,16 +2,18 @@
 
 Why: at full size a cell has n = 16,907 tokens, and the plain path materialises several (batch, heads, n, features)
 tensors per layer (180 MB each for one cell). Allocating, page-faulting and streaming those through memory costs more
-than the arithmetic. Here every large temporary is one chunk of tokens (a few MB, reused while it is still in cache).
+than the arithmetic. Here every large temporary is one chunk of tokens (a few MB), kept in a `Workspace` that is
+reused for every chunk, cell and block, so nothing is handed back to the OS and page-faulted in again.
 
 Two routes, both tested against the plain path (tests/test_fast_path.py):
 
 * `block_forward_no_grad`: a whole pre-LayerNorm block (attention + feed-forward) without autograd, for inference and
   for frozen blocks during fine-tuning. Per cell, pass A streams key chunks and accumulates the key/value summaries,
   pass B streams query chunks: attention, output projection, residual, feed-forward, residual, in place.
-* `FavorAttentionFunction`: the attention core (q, k, v after projection -> output) as an autograd Function whose
-  forward is chunked like pass A/B and saves only q, k, v, the output and small per-cell summaries; its backward
-  recomputes the features chunk by chunk.
+* `favor_self_attention` (`FavorAttentionFunction`): the q, k, v projections and the attention as one autograd
+  Function for blocks that need gradients; its forward is chunked like passes A/B and saves [q; k; v] and small
+  per-cell summaries, its backward recomputes the features chunk by chunk. LayerNorm, the output projection and the
+  feed-forward block stay ordinary autograd modules.
 
 Notation (per cell and head): x' = x d^-1/4 (d = dim_head) and the projection P (m, d) is used pre-scaled as
 Ps = P d^-1/4, so s = Ps x; diag = |x|^2 d^-1/2 / 2; E = exp(s - diag - stabiliser); features phi = ratio (E + eps).
@@ -27,6 +29,11 @@ over features of each token, local to a chunk.
 
 Layout: chunks are kept "transposed", (heads, features, tokens), so that every product is one contiguous batched
 matmul over heads and the single (m, d) projection is shared by all heads and cells (never repeated per head).
+bfloat16/float16 (autocast): matmuls run in the autocast dtype, sums over tokens, the context and the division in
+float32, as the plain path under autocast does for its matmuls.
+
+Tokens per chunk: `PerformerLM.set_chunk_size(n)` (default `default_chunk_size`); results do not depend on it beyond
+float rounding.
 
 `plain_attention()` switches all of this off (the plain path), e.g. to compare: `with plain_attention(): model(x)`.
 """

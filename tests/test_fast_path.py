@@ -197,3 +197,25 @@ def test_bf16_autocast_predicts_the_same_classes_as_float32(reference, finetuned
             grads = [p.grad for p in finetuned.parameters() if p.requires_grad]
             assert all(g is not None and torch.isfinite(g).all() for g in grads)
             finetuned.requires_grad_(False)
+
+
+def test_projection_biases_are_handled_on_both_routes():
+    model = small_model(qkv_bias=True, depth=2)
+    for block in model.performer.net.layers:
+        for proj in (block[0].fn.to_q, block[0].fn.to_k, block[0].fn.to_v):
+            torch.nn.init.normal_(proj.bias, std=0.5)
+    model.set_chunk_size(16)
+    tokens = different_cells(61)
+    with torch.no_grad():
+        fast = model.eval()(tokens)
+        with plain_attention():
+            plain = model(tokens)
+    assert rel_err(fast, plain) < 1e-5
+    model.train().fix_projections()
+    weights = torch.randn_like(plain)
+    fast_grads = trainable_grads(model, tokens, weights)
+    with plain_attention():
+        plain_grads = trainable_grads(model, tokens, weights)
+    assert "performer.net.layers.0.0.fn.to_k.bias" in fast_grads
+    for name in plain_grads:
+        assert rel_err(fast_grads[name], plain_grads[name]) < 1e-4, name
