@@ -47,6 +47,7 @@ from .fast_attention import (
     fast_path_enabled,
     favor_self_attention,
 )
+from .fast_feedforward import feed_forward_residual
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The maths: random features and linear attention
@@ -296,7 +297,8 @@ class SequentialSequence(nn.Module):
     - no gradient needed (grad disabled, or an input that does not require grad and no trainable parameter in the
       block, as for the frozen lower blocks when fine-tuning): no autograd at all; the chunked in-place
       `block_forward_no_grad` when the block supports it, else the plain modules under `torch.no_grad()`;
-    - otherwise autograd through the modules, whose attention core is `FavorAttentionFunction`.
+    - otherwise autograd, with the attention's projections and core in `FavorAttentionFunction` and the feed-forward
+      sublayer in `FeedForwardFunction` (both chunked), LayerNorm and the output projection as modules.
     So fine-tuning code only sets `requires_grad` flags; nothing else to call.
     """
 
@@ -311,16 +313,25 @@ class SequentialSequence(nn.Module):
         return x.requires_grad or any(p.requires_grad for m in (attn, ff) for p in m.parameters())
 
     @staticmethod
-    def block_fast_path_supported(attn: PreLayerNorm, ff: PreLayerNorm) -> bool:
+    def feed_forward_fast_path_supported(ff: PreLayerNorm) -> bool:
         feed_forward = ff.fn.fn
         return (
-            attn.fn.fast_path_supported
-            and not feed_forward.glu
+            not feed_forward.glu
             and isinstance(feed_forward.act, nn.GELU)
             and feed_forward.act.approximate == "none"
-            and not _dropout_active(attn)
             and not _dropout_active(ff)
         )
+
+    @classmethod
+    def block_fast_path_supported(cls, attn: PreLayerNorm, ff: PreLayerNorm) -> bool:
+        return attn.fn.fast_path_supported and not _dropout_active(attn) and cls.feed_forward_fast_path_supported(ff)
+
+    def feed_forward(self, x: torch.Tensor, ff: PreLayerNorm, chunk_size: int) -> torch.Tensor:
+        """x + ff(x) on the autograd route: the chunked `feed_forward_residual` where supported."""
+        if not self.feed_forward_fast_path_supported(ff):
+            return x + ff(x)
+        w1, w2 = ff.fn.fn.w1, ff.fn.fn.w2
+        return feed_forward_residual(x, ff.norm, w1.weight, w1.bias, w2.weight, w2.bias, chunk_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not fast_path_enabled():
@@ -333,7 +344,7 @@ class SequentialSequence(nn.Module):
         for attn, ff in self.layers:
             if self.block_needs_grad(x, attn, ff):
                 x = x + attn(x)
-                x = x + ff(x)
+                x = self.feed_forward(x, ff, attn.fn.tokens_per_chunk(x.device))
                 owned = False
             elif self.block_fast_path_supported(attn, ff):
                 dtype = compute_dtype(x)

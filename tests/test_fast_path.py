@@ -7,6 +7,7 @@ import torch.nn.functional as F
 import performer_pytorch.performer_pytorch as model_module
 from performer_pytorch import ClassificationHead, PerformerLM, build_model, load_checkpoint, plain_attention
 from performer_pytorch.fast_attention import favor_self_attention
+from performer_pytorch.fast_feedforward import FeedForwardFunction
 from performer_pytorch.performer_pytorch import gaussian_orthogonal_random_matrix, linear_attention, softmax_kernel
 
 
@@ -104,6 +105,26 @@ def test_stabiliser_ties_share_the_gradient_like_autograd():
     projection[0] *= 3.0
     projection[1] = projection[0]
     assert_same_output_and_gradients(x, w_qkv, projection, 4, 1e-10)
+
+
+def test_feed_forward_function_gradcheck_float64():
+    """The chunked feed-forward sublayer x + W2 GELU(W1 LN(x) + b1) + b2 against autograd, all inputs."""
+    torch.manual_seed(4)
+    shapes = ((2, 9, 6), (6,), (6,), (12, 6), (12,), (6, 12), (6,))  # x, LayerNorm weight and bias, W1, b1, W2, b2
+    inputs = tuple(torch.randn(shape, dtype=torch.float64, requires_grad=True) for shape in shapes)
+
+    def fast(x, ln_w, ln_b, w1, b1, w2, b2):
+        return FeedForwardFunction.apply(x, ln_w, ln_b, w1, b1, w2, b2, 1e-5, 4)
+
+    def plain(x, ln_w, ln_b, w1, b1, w2, b2):
+        return x + F.linear(F.gelu(F.linear(F.layer_norm(x, (6,), ln_w, ln_b, 1e-5), w1, b1)), w2, b2)
+
+    assert torch.autograd.gradcheck(fast, inputs, eps=1e-6, atol=1e-7, fast_mode=True)
+    weights = torch.randn(2, 9, 6, dtype=torch.float64)
+    fast_grads = torch.autograd.grad((fast(*inputs) * weights).sum(), inputs)
+    plain_grads = torch.autograd.grad((plain(*inputs) * weights).sum(), inputs)
+    for fast_grad, plain_grad in zip(fast_grads, plain_grads, strict=True):
+        assert rel_err(fast_grad, plain_grad) < 1e-10
 
 
 def trainable_grads(model, tokens, weights):
