@@ -377,7 +377,7 @@ def block_forward_no_grad(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The attention core as an autograd Function (blocks that need gradients)
+# Projections and attention as an autograd Function (blocks that need gradients)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
