@@ -397,27 +397,32 @@ def favor_self_attention(
     x: torch.Tensor,
     w_qkv: torch.Tensor,
     b_qkv: torch.Tensor | None,
+    w_out: torch.Tensor,
+    b_out: torch.Tensor | None,
     projection: torch.Tensor,
     heads: int,
     chunk_size: int,
 ) -> torch.Tensor:
-    """q, k, v projections and FAVOR+ attention, chunked over tokens, differentiable (`FavorAttentionFunction`).
+    """Self-attention with FAVOR+, chunked over tokens, differentiable (`FavorAttentionFunction`).
 
     x: (batch, n, dim) (the LayerNorm output); w_qkv: (3 h d, dim), the q, k and v weights stacked; b_qkv: (3 h d,)
-    or None; projection: (m, d). Returns the attention output before `to_out`, (batch, n, h d)."""
-    return FavorAttentionFunction.apply(x, w_qkv, b_qkv, projection, heads, chunk_size)
+    or None; w_out: (dim, h d) and b_out: (dim,) or None, the output projection; projection: (m, d).
+    Returns (batch, n, dim), what `SelfAttention` returns (before its dropout)."""
+    return FavorAttentionFunction.apply(x, w_qkv, b_qkv, w_out, b_out, projection, heads, chunk_size)
 
 
 class FavorAttentionFunction(torch.autograd.Function):
-    """x -> [q; k; v] = W_qkv x (+ b) -> FAVOR+ softmax-kernel attention, chunked over tokens, token-major in and out.
+    """x -> [q; k; v] = W_qkv x (+ b) -> FAVOR+ softmax-kernel attention -> W_out (+ b_out), chunked over tokens.
 
     Equal to the plain path's `linear_attention(softmax_kernel(q), softmax_kernel(k), v)` (per-cell key stabiliser),
     gradients included, also through the stabilisers, which autograd sends to the max entries of s (shared equally
-    by exact ties). The projections are inside so that q, k, v exist only head-major, [q; k; v]^T (3 h d, n) per
-    cell, computed and differentiated chunk by chunk: no transposed copies and no (batch, n, 3 h d) gradient.
+    by exact ties). The projections are inside so that q, k, v and the attention output exist only head-major,
+    (h d, n) per cell, computed and differentiated chunk by chunk: no transposed copies and no (batch, n, 3 h d) or
+    (batch, n, h d) gradient tensors.
 
-    Saved for backward: x, W_qkv, [q; k; v]^T, the output, and per cell [C | z]^T (h, d + 1, m), the denominators
-    (h, n) and the key stabiliser. Backward, per cell and head, with G = g / D and r = (g . out) / D:
+    Saved for backward: x, W_qkv, W_out, [q; k; v]^T, the attention output A^T (h d, n), and per cell [C | z]^T
+    (h, d + 1, m), the denominators (h, n) and the key stabiliser. The output projection: g_A = W_out^T g_y,
+    g_W_out += g_y^T A. Backward, per cell and head, with G = g / D and r = (g . out) / D:
         g_[C|z] = sum_n phi_q,n [G_n, -r_n]        g_phi_q,n = [C | z] [G_n; -r_n]
         g_phi_k,n = g_C v_n + g_z                  g_v,n = g_C^T phi_k,n
     and through E = exp(s - diag - stab): g_s = g_phi E; g_diag = g_stab = -sum g_s (over features for queries, over
@@ -427,21 +432,24 @@ class FavorAttentionFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w_qkv, b_qkv, projection, heads: int, chunk_size: int):
+    def forward(ctx, x, w_qkv, b_qkv, w_out, b_out, projection, heads: int, chunk_size: int):
         dtype = compute_dtype(x)
         acc_dtype = accumulation_dtype(dtype)
         ws = Workspace(x.device)
         with torch.autocast(x.device.type, enabled=False):
             w = w_qkv.detach().to(dtype)
             bias = None if b_qkv is None else b_qkv.detach().to(dtype).unsqueeze(1)
-            b, n, _ = x.shape
+            wo = w_out.detach().to(dtype)
+            bo = None if b_out is None else b_out.detach().to(dtype)
+            b, n, dim = x.shape
             inner = w.shape[0] // 3
             d = inner // heads
             _, ps2 = projections(projection, dtype)
             m = ps2.shape[0]
             kw = dict(device=x.device, dtype=acc_dtype)
             qkv_t = torch.empty(b, 3 * inner, n, device=x.device, dtype=dtype)
-            out = torch.empty(b, n, inner, device=x.device, dtype=dtype)
+            attended_t = torch.empty(b, inner, n, device=x.device, dtype=dtype)  # A^T, head-major
+            y = torch.empty(b, n, dim, device=x.device, dtype=dtype)
             czt_all = torch.empty(b, heads, d + 1, m, **kw)
             den_all = torch.empty(b, heads, n, **kw)
             key_max = torch.empty(b, **kw)
@@ -460,18 +468,19 @@ class FavorAttentionFunction(torch.autograd.Function):
                     q = _linear_t(x_chunk, w[:inner], _rows(bias, 0, inner), ws.take("q", (inner, stop - start), dtype))
                     qkv_t[i, :inner, start:stop].copy_(q)
                     attended, den = attend_chunk(q.view(heads, d, -1), context, ps2, ws, acc_dtype)
-                    out[i, start:stop].copy_(attended.view(inner, -1).t())
+                    attended = attended_t[i, :, start:stop].copy_(attended.view(inner, -1))
+                    _linear(attended.t(), wo, bo, y[i, start:stop])
                     den_all[i, :, start:stop].copy_(den.squeeze(1))
                 czt_all[i], key_max[i] = context.czt, sums.max
-        ctx.save_for_backward(x, w, qkv_t, out, projection, czt_all, den_all, key_max)
-        ctx.heads, ctx.chunk_size, ctx.dtype, ctx.has_bias = heads, chunk_size, dtype, b_qkv is not None
+        ctx.save_for_backward(x, w, wo, qkv_t, attended_t, projection, czt_all, den_all, key_max)
+        ctx.heads, ctx.chunk_size, ctx.dtype = heads, chunk_size, dtype
         ctx.param_dtype = w_qkv.dtype
-        return out
+        return y
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out):
-        x, w, qkv_t, out, projection, czt_all, den_all, key_max = ctx.saved_tensors
+    def backward(ctx, grad_y):
+        x, w, wo, qkv_t, attended_t, projection, czt_all, den_all, key_max = ctx.saved_tensors
         heads, chunk_size, dtype = ctx.heads, ctx.chunk_size, ctx.dtype
         acc_dtype = accumulation_dtype(dtype)
         ws = Workspace(x.device)
@@ -480,11 +489,13 @@ class FavorAttentionFunction(torch.autograd.Function):
         d = inner // heads
         ps, ps2 = projections(projection, dtype)
         m = ps.shape[0]
-        grad_out = grad_out.to(dtype).contiguous()
-        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        grad_y = grad_y.to(dtype).contiguous()
+        need = ctx.needs_input_grad
+        need_x, need_w, need_wo = need[0], need[1] or need[2], need[3] or need[4]
         grad_x = torch.empty_like(x)
-        grad_w = torch.zeros(3 * inner, dim, device=x.device, dtype=acc_dtype)
-        grad_b = torch.zeros(3 * inner, device=x.device, dtype=acc_dtype)
+        kw = dict(device=x.device, dtype=acc_dtype)
+        grad_w, grad_b = torch.zeros(3 * inner, dim, **kw), torch.zeros(3 * inner, **kw)
+        grad_wo, grad_bo = torch.zeros(dim, inner, **kw), torch.zeros(dim, **kw)
         with torch.autocast(x.device.type, enabled=False):
             for i in range(b):
                 q_t, k_t, v_t = (t.view(heads, d, n) for t in qkv_t[i].split(inner))
@@ -495,11 +506,15 @@ class FavorAttentionFunction(torch.autograd.Function):
                 grad_cz_eps = torch.zeros(heads, d + 1, 1, device=x.device, dtype=acc_dtype)
                 for start, stop in _chunks(n, chunk_size):
                     c = stop - start
-                    g_t = _heads_t(grad_out[i, start:stop], heads)  # (h, d, c) strided view
+                    g_y, o_t = grad_y[i, start:stop], attended_t[i, :, start:stop]  # (c, dim), (h d, c)
+                    if need_wo:
+                        _mm_into(grad_wo, g_y.t(), o_t.t(), ws)  # (dim, c) @ (c, h d)
+                        grad_bo.add_(g_y.sum(dim=0, dtype=acc_dtype))
+                    g_t = torch.mm(wo.t(), g_y.t(), out=ws.take("g_attended", (inner, c), dtype)).view(heads, d, c)
+                    o_t = o_t.view(heads, d, c)
                     den = den_all[i, :, start:stop].unsqueeze(1)  # (h, 1, c)
                     gr = ws.take("gr", (heads, d + 1, c), acc_dtype)  # [G; -r]
                     torch.div(g_t, den, out=gr[:, :d])
-                    o_t = _heads_t(out[i, start:stop], heads)
                     g_dot_out = torch.mul(g_t, o_t, out=ws.take("g_dot_out", (heads, d, c), acc_dtype))
                     torch.div(g_dot_out.sum(dim=1, keepdim=True), den, out=gr[:, d:]).neg_()
                     grad_cz_eps.add_(gr.sum(dim=2, keepdim=True))
@@ -572,10 +587,9 @@ class FavorAttentionFunction(torch.autograd.Function):
                         grad_b[rows].add_(grad_k)
                     if need_x:
                         grad_x[i, token].add_((grad_k @ w[rows].to(acc_dtype)).to(grad_x.dtype))
-        grad_x = grad_x if need_x else None
-        grad_w = grad_w.to(ctx.param_dtype) if ctx.needs_input_grad[1] else None
-        grad_b = grad_b.to(ctx.param_dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b, None, None, None
+        grads = [grad_w, grad_b, grad_wo, grad_bo]
+        grads = [g.to(ctx.param_dtype) if need[k + 1] else None for k, g in enumerate(grads)]
+        return (grad_x if need_x else None, *grads, None, None, None)
 
 
 def _rows(bias: torch.Tensor | None, start: int, stop: int | None) -> torch.Tensor | None:

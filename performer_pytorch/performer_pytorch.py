@@ -230,13 +230,14 @@ class SelfAttention(nn.Module):
 
 
     def forward_fast(self, x: torch.Tensor) -> torch.Tensor:
-        """The fast path's autograd route: projections and attention in one chunked autograd Function."""
+        """The fast path's autograd route: projections, attention and output projection in one chunked Function."""
         projections = (self.to_q, self.to_k, self.to_v)
         w_qkv = torch.cat([p.weight for p in projections])  # (3 h d, dim)
         b_qkv = None if self.to_q.bias is None else torch.cat([p.bias for p in projections])
         projection = self.fast_attention.projection_matrix
-        out = favor_self_attention(x, w_qkv, b_qkv, projection, self.heads, self.tokens_per_chunk(x.device))
-        return self.dropout(self.to_out(out))  # out: (b, n, h d)
+        chunk_size = self.tokens_per_chunk(x.device)
+        w_out, b_out = self.to_out.weight, self.to_out.bias
+        return self.dropout(favor_self_attention(x, w_qkv, b_qkv, w_out, b_out, projection, self.heads, chunk_size))
 
 
 class FeedForward(nn.Module):

@@ -56,38 +56,47 @@ def test_no_grad_path_leaves_the_callers_tensor_alone():
     assert torch.equal(x, before) and not torch.equal(out, x)
 
 
-def plain_attention_layer(x, w_qkv, projection, heads):
-    """The plain path's projections and attention (batch, n, dim) -> (batch, n, h d), as SelfAttention computes them."""
+def plain_attention_layer(x, w_qkv, w_out, b_out, projection, heads):
+    """The plain path's self-attention (batch, n, dim) -> (batch, n, dim), as SelfAttention computes it."""
     b, n, _ = x.shape
     q, k, v = (F.linear(x, w).view(b, n, heads, -1).transpose(1, 2) for w in w_qkv.chunk(3))
     out = linear_attention(
         softmax_kernel(q, projection, is_query=True), softmax_kernel(k, projection, is_query=False), v
     )
-    return out.transpose(1, 2).reshape(b, n, -1)
+    return F.linear(out.transpose(1, 2).reshape(b, n, -1), w_out, b_out)
 
 
 def layer_inputs(dtype, b=2, n=11, dim=6, heads=2, dim_head=4, nb_features=7):
+    """x, W_qkv, W_out, b_out (all requiring grad) and a projection."""
     torch.manual_seed(2)
+    inner = heads * dim_head
     x = torch.randn(b, n, dim, dtype=dtype, requires_grad=True)
-    w_qkv = (torch.randn(3 * heads * dim_head, dim, dtype=dtype) * dim**-0.5).requires_grad_()
+    w_qkv = (torch.randn(3 * inner, dim, dtype=dtype) * dim**-0.5).requires_grad_()
+    w_out = (torch.randn(dim, inner, dtype=dtype) * inner**-0.5).requires_grad_()
+    b_out = torch.randn(dim, dtype=dtype, requires_grad=True)
     projection = gaussian_orthogonal_random_matrix(nb_features, dim_head).to(dtype)
-    return x, w_qkv, projection
+    return x, w_qkv, w_out, b_out, projection
 
 
 def test_attention_function_gradcheck_float64():
-    x, w_qkv, projection = layer_inputs(torch.float64, n=7)
+    x, w_qkv, w_out, b_out, projection = layer_inputs(torch.float64, n=7)
     assert torch.autograd.gradcheck(
-        lambda x, w: favor_self_attention(x, w, None, projection, 2, 3), (x, w_qkv), eps=1e-6, atol=1e-7, fast_mode=True
+        lambda *t: favor_self_attention(t[0], t[1], None, t[2], t[3], projection, 2, 3),
+        (x, w_qkv, w_out, b_out),
+        eps=1e-6,
+        atol=1e-7,
+        fast_mode=True,
     )
 
 
-def assert_same_output_and_gradients(x, w_qkv, projection, chunk, tolerance):
-    fast = favor_self_attention(x, w_qkv, None, projection, 2, chunk)
-    plain = plain_attention_layer(x, w_qkv, projection, 2)
+def assert_same_output_and_gradients(x, w_qkv, w_out, b_out, projection, chunk, tolerance):
+    fast = favor_self_attention(x, w_qkv, None, w_out, b_out, projection, 2, chunk)
+    plain = plain_attention_layer(x, w_qkv, w_out, b_out, projection, 2)
     assert rel_err(fast, plain) < tolerance
     weights = torch.randn_like(plain)
-    fast_grads = torch.autograd.grad((fast * weights).sum(), (x, w_qkv))
-    plain_grads = torch.autograd.grad((plain * weights).sum(), (x, w_qkv))
+    inputs = (x, w_qkv, w_out, b_out)
+    fast_grads = torch.autograd.grad((fast * weights).sum(), inputs)
+    plain_grads = torch.autograd.grad((plain * weights).sum(), inputs)
     for fast_grad, plain_grad in zip(fast_grads, plain_grads, strict=True):
         assert rel_err(fast_grad, plain_grad) < tolerance
 
@@ -101,10 +110,10 @@ def test_stabiliser_ties_share_the_gradient_like_autograd():
     """Exact ties at the stabilisers' max: two identical, dominant rows of the projection, so that for every token
     (query stabiliser) and every cell (key stabiliser) the max is reached twice. Autograd's amax shares the gradient
     equally between ties; so must the custom backward."""
-    x, w_qkv, projection = layer_inputs(torch.float64)
+    *inputs, projection = layer_inputs(torch.float64)
     projection[0] *= 3.0
     projection[1] = projection[0]
-    assert_same_output_and_gradients(x, w_qkv, projection, 4, 1e-10)
+    assert_same_output_and_gradients(*inputs, projection, 4, 1e-10)
 
 
 def test_feed_forward_function_gradcheck_float64():
