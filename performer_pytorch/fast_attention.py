@@ -381,12 +381,6 @@ def block_forward_no_grad(
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _heads_t(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """(c, h d) token-major slice -> (h, d, c) view (no copy)."""
-    c = x.shape[0]
-    return x.t().view(heads, -1, c)
-
-
 def _chunks(n: int, chunk_size: int) -> Iterator[tuple[int, int]]:
     """(start, stop) of the token chunks."""
     for start in range(0, n, chunk_size):
