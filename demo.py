@@ -91,9 +91,11 @@ def summarise(truth: np.ndarray, pred: np.ndarray, novel: str) -> dict[str, floa
     from sklearn.metrics import accuracy_score, f1_score
 
     known = truth != novel
+    # Macro-F1 over the known types actually present; `Unassigned` is a call, not a class to average over.
+    classes = sorted(set(truth[known]))
     out = {
         "accuracy": accuracy_score(truth[known], pred[known]),
-        "macro_f1": f1_score(truth[known], pred[known], average="macro", zero_division=0),
+        "macro_f1": f1_score(truth[known], pred[known], labels=classes, average="macro", zero_division=0),
     }
     if (~known).any():
         out["novel_recall"] = float(np.mean(pred[~known] == "Unassigned"))
