@@ -73,16 +73,6 @@ def read_log(path):
         return [json.loads(line) for line in fh]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a loaded 2-core machine OpenMP threads spinning against
-    other processes made these runs 30x slower in CPU time (measured: 78 s vs 2.6 s for a 6-epoch run)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     folder = tmp_path_factory.mktemp("finetune_data")

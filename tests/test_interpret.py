@@ -8,15 +8,6 @@ from performer_pytorch import PerformerLM, ScbertError, softmax_kernel
 from performer_pytorch.interpret import AttentionRecorder, GroupMeans, attention_received
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine their spin-waits cost seconds per test."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_model(**kwargs):
     torch.manual_seed(0)
     config = dict(num_tokens=7, max_seq_len=33, dim=16, depth=3, heads=2, dim_head=8, nb_features=12)

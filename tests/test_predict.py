@@ -24,15 +24,6 @@ CLASSES = ["B cell", "NK", "T cell"]
 REF_CLASSES = ["alpha", "beta", "delta", "gamma", "epsilon"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine their spin-waits cost seconds per test."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_model(n_classes=3, lm=False):
     torch.manual_seed(0)
     model = PerformerLM(num_tokens=7, max_seq_len=len(GENES) + 1, dim=16, depth=2, heads=2, dim_head=8,

@@ -23,15 +23,6 @@ TINY = ["--gene_num", "48", "--dim", "16", "--depth", "1", "--heads", "2", "--di
         "--grad_acc", "1", "--learning_rate", "5e-2"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and a busy machine makes waiting threads very slow."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     folder = tmp_path_factory.mktemp("pretrain_data")
@@ -169,7 +160,7 @@ def test_killed_run_resumes_from_the_next_epoch_with_the_saved_optimiser_state(d
         return payload
 
     monkeypatch.setattr(pretrain, "restore_training_state", spy)
-    # One thread here (fixture one_thread) as in the killed process: the same arithmetic.
+    # One thread here (tests/conftest.py) as in the killed process: the same arithmetic.
     resumed = pretrain.main([*args, "--epoch", str(done + 1), "--ckpt_dir", str(killed), "--resume", "True"])
     whole = pretrain.main([*args, "--epoch", str(done + 1), "--ckpt_dir", str(uninterrupted)])
     assert [r["epoch"] for r in resumed] == [done + 1]
