@@ -1,12 +1,14 @@
 """The fast path (chunked, no-autograd blocks, custom autograd attention) computes what the plain path computes."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import performer_pytorch.performer_pytorch as model_module
 from performer_pytorch import ClassificationHead, PerformerLM, build_model, load_checkpoint, plain_attention
-from performer_pytorch.fast_attention import favor_self_attention
+from performer_pytorch.fast_attention import FREE_ABOVE, favor_self_attention, feature_max
 from performer_pytorch.fast_feedforward import FeedForwardFunction
 from performer_pytorch.performer_pytorch import gaussian_orthogonal_random_matrix, linear_attention, softmax_kernel
 
@@ -114,6 +116,46 @@ def test_stabiliser_ties_share_the_gradient_like_autograd():
     projection[0] *= 3.0
     projection[1] = projection[0]
     assert_same_output_and_gradients(*inputs, projection, 4, 1e-10)
+
+
+def largest_feature_log2(x, w_k, projection) -> float:
+    """max over tokens, heads and features of s = P k d^-1/4, in log2 units, for 2 heads."""
+    k = F.linear(x, w_k).unflatten(-1, (2, -1))
+    return (k @ projection.t() * k.shape[-1] ** -0.25 / math.log(2.0)).max().item()
+
+
+@pytest.mark.parametrize("loud", ["first-chunk", "later-chunk"])
+def test_features_far_out_of_range_take_the_stabilised_route(loud):
+    """The forward skips subtracting the stabilisers while s stays in a safe range (fast_attention.FREE_ABOVE). A
+    chunk of large tokens, first or after small ones (the key reference then moves), puts s far outside it: float32
+    would overflow to inf on the wrong route. Outputs (float32, float64) and gradients (float64) equal the plain path.
+    """
+    x, w_qkv, w_out, b_out, projection = layer_inputs(torch.float64, n=12)
+    with torch.no_grad():
+        x[:, slice(0, 3) if loud == "first-chunk" else slice(6, 9)] *= 60.0
+    assert largest_feature_log2(x, w_qkv.chunk(3)[1], projection) > max(2 * FREE_ABOVE, 128)  # 2^128: float32 inf
+    assert_same_output_and_gradients(x, w_qkv, w_out, b_out, projection, 3, 1e-10)
+    with torch.no_grad():
+        expected = plain_attention_layer(x, w_qkv, w_out, b_out, projection, 2)
+        inputs32 = [t.float() for t in (x, w_qkv, w_out, b_out, projection)]
+        fast32 = favor_self_attention(inputs32[0], inputs32[1], None, *inputs32[2:], 2, 3)
+    assert torch.isfinite(fast32).all() and rel_err(fast32.double(), expected) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_feature_max_equals_amax(dtype):
+    """The integer-bits max for half precision: mixed signs, all-negative rows, signed zeros, infinities."""
+    torch.manual_seed(5)
+    s = (torch.randn(3, 40, 9) * 50).to(dtype)
+    s[0, :, 0] = -s[0, :, 0].abs() - 1  # a token whose features are all negative
+    s[1, :, 1] = -0.0
+    s[1, 3, 1] = 0.0
+    s[2, :, 2] = -0.0
+    s[2, 7, 3] = float("inf")
+    s[0, 5, 4] = -float("inf")
+    assert torch.equal(feature_max(s, dim=1), s.amax(dim=1, keepdim=True))
+    assert torch.equal(feature_max(s), s.max())
+    assert torch.equal(feature_max(-s.abs() - 1), (-s.abs() - 1).max())
 
 
 def test_feed_forward_function_gradcheck_float64():
