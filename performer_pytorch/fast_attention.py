@@ -49,6 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from . import buffers
+
 EPS = 1e-4  # the softmax-kernel eps of SPEC section 2
 LOG2E = 1.0 / math.log(2.0)
 # Forward passes compute features as 2^(s - r) for a reference r chosen before the pass over the (h, m, c) tensor
@@ -497,11 +499,12 @@ class FavorAttentionFunction(torch.autograd.Function):
             _, ps2 = projections(projection, dtype, heads)
             m = ps2.shape[1]
             kw = dict(device=x.device, dtype=acc_dtype)
-            qkv_t = torch.empty(b, 3 * inner, n, device=x.device, dtype=dtype)
-            attended_t = torch.empty(b, inner, n, device=x.device, dtype=dtype)  # A^T, head-major
-            y = torch.empty(b, n, dim, device=x.device, dtype=dtype)
+            # Whole-cell tensors from the step-to-step pool (buffers.py): saved for backward, or returned.
+            qkv_t = buffers.take((b, 3 * inner, n), dtype, x.device)
+            attended_t = buffers.take((b, inner, n), dtype, x.device)  # A^T, head-major
+            y = buffers.take((b, n, dim), dtype, x.device)
             czt_all = torch.empty(b, heads, d + 1, m, **kw)
-            den_all = torch.empty(b, heads, n, **kw)
+            den_all = buffers.take((b, heads, n), acc_dtype, x.device)
             key_max = torch.empty(b, **kw)
             for i in range(b):
                 sums = KeyValueSums(heads, m, d, ws=ws, acc_dtype=acc_dtype)
@@ -542,7 +545,7 @@ class FavorAttentionFunction(torch.autograd.Function):
         grad_y = grad_y.to(dtype).contiguous()
         need = ctx.needs_input_grad
         need_x, need_w, need_wo = need[0], need[1] or need[2], need[3] or need[4]
-        grad_x = torch.empty_like(x)
+        grad_x = buffers.take_like(x)
         kw = dict(device=x.device, dtype=acc_dtype)
         grad_w, grad_b = torch.zeros(3 * inner, dim, **kw), torch.zeros(3 * inner, **kw)
         grad_wo, grad_bo = torch.zeros(dim, inner, **kw), torch.zeros(dim, **kw)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from . import buffers
 from .fast_attention import Workspace, _chunks, _mm_into, accumulation_dtype, compute_dtype
 
 
@@ -34,10 +35,11 @@ class FeedForwardFunction(torch.autograd.Function):
             w1c, b1c, w2c, b2c = (t.detach().to(dtype) for t in (w1, b1, w2, b2))
             b, n, dim = x.shape
             hidden = w1.shape[0]
-            y = torch.empty_like(x)
-            h1_all = torch.empty(b, n, hidden, device=x.device, dtype=dtype)
-            mean_all = torch.empty(b, n, 1, device=x.device, dtype=accumulation_dtype(x.dtype))
-            rstd_all = torch.empty_like(mean_all)
+            # Whole-cell tensors from the step-to-step pool (buffers.py): saved for backward, or returned.
+            y = buffers.take_like(x)
+            h1_all = buffers.take((b, n, hidden), dtype, x.device)
+            mean_all = buffers.take((b, n, 1), accumulation_dtype(x.dtype), x.device)
+            rstd_all = buffers.take((b, n, 1), accumulation_dtype(x.dtype), x.device)
             for i in range(b):
                 for start, stop in _chunks(n, chunk_size):
                     x_chunk = x[i, start:stop]
@@ -67,7 +69,7 @@ class FeedForwardFunction(torch.autograd.Function):
         grad_w1, grad_b1 = torch.zeros(hidden, dim, **kw), torch.zeros(hidden, **kw)
         grad_w2, grad_b2 = torch.zeros(dim, hidden, **kw), torch.zeros(dim, **kw)
         grad_lnw, grad_lnb = torch.zeros(dim, **kw), torch.zeros(dim, **kw)
-        grad_x = torch.empty_like(x) if need[0] else None
+        grad_x = buffers.take_like(x) if need[0] else None
         mask = [need[0], need_ln, need_ln]
         with torch.autocast(x.device.type, enabled=False):
             for i in range(b):
