@@ -11,10 +11,12 @@ product per gene. Memory is O(tokens x features), never O(tokens^2) (16,907^2 x 
 
 Each row of A sums to 1, so a cell's scores over all tokens sum to the number of tokens (genes + the appended one);
 a score of 1 is the average. The features come from the layer's own modules (`PreLayerNorm.norm`, `SelfAttention.to_q`,
-`to_k`, `split_heads`, `FastAttention.features`). Their input, the chosen block's input, is recomputed from the block
-stack's input (captured by a forward pre-hook on `performer.net`) by running the blocks below it through the model's
-own block stack: the model's fast inference path does not call the block modules one by one, so hooks on a block
-would never fire there. Choosing the first block (layer 0) costs nothing extra; the last costs about one more forward.
+`to_k`, `split_heads`, `FastAttention.features`), in float32. Their input, the chosen block's input, is what the
+model computed, handed over by the block stack (`block_input_observers`; the model's fast inference path does not
+call the block modules one by one, so module hooks on a block would never fire there): the scores cost two feature
+maps, not another forward. Under autocast the model's blocks ran in bf16/fp16, so the chosen block's input is instead
+recomputed in float32 from the block stack's input (a forward pre-hook on `performer.net`) by the blocks below it,
+about one more forward for the last layer: scores do not depend on --amp.
 """
 
 from __future__ import annotations
@@ -95,28 +97,43 @@ class AttentionRecorder:
         # The blocks below the chosen one, as a block stack of the model's own class sharing its modules: running it
         # gives the chosen block's input by the same code the model runs.
         self.below = type(net)(nn.ModuleList(list(net.layers)[: self.layer]))
+        self._recompute = False
         self._handle = None
         self._scores: list[torch.Tensor] = []
 
-    def _hook(self, net: nn.Module, args: tuple) -> None:
-        x = args[0]  # (b, n, dim): the block stack's input (token + gene2vec embeddings)
+    def _scores_of(self, x: torch.Tensor) -> torch.Tensor:
+        """(b, n) scores from the chosen block's input x (b, n, dim), in float32 with autocast off."""
         with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
-            x = self.below(x.float()) if self.layer > 0 else x.float()  # (b, n, dim): the chosen block's input
             per_cell = []
             for i in range(x.shape[0]):
                 # One cell at a time: keys are stabilised per cell, so this is what the model computed.
-                q_feat, k_feat = layer_features(self.module, x[i : i + 1])
+                q_feat, k_feat = layer_features(self.module, x[i : i + 1].float())
                 per_cell.append(column_sums_from_features(q_feat, k_feat).mean(dim=1))  # (1, n)
-        self._scores.append(torch.cat(per_cell).float())
+        return torch.cat(per_cell).float()
+
+    def _hook(self, net: nn.Module, args: tuple) -> None:
+        x = args[0]  # (b, n, dim): the block stack's input (token + gene2vec embeddings)
+        self._recompute = torch.is_autocast_enabled(x.device.type)
+        if self._recompute:
+            with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
+                x = self.below(x.float()) if self.layer > 0 else x.float()  # the chosen block's input, float32
+            self._scores.append(self._scores_of(x))
+
+    def _observe(self, x: torch.Tensor) -> None:
+        if not self._recompute:
+            self._scores.append(self._scores_of(x))
 
     def __enter__(self) -> AttentionRecorder:
         self._handle = self.net.register_forward_pre_hook(self._hook)
+        self.net.block_input_observers[self.layer] = self._observe
         return self
 
     def __exit__(self, *exc) -> None:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+        if self.net.block_input_observers.get(self.layer) == self._observe:
+            del self.net.block_input_observers[self.layer]
 
     def pop(self) -> torch.Tensor:
         """Scores of the forward calls since the last pop, concatenated: (cells, tokens)."""

@@ -306,6 +306,10 @@ class SequentialSequence(nn.Module):
     def __init__(self, layers: nn.ModuleList):
         super().__init__()
         self.layers = layers
+        # Block index -> callback given that block's input (batch, n, dim) on every route, just before the block
+        # runs (interpret.AttentionRecorder reads attention this way: the fast route calls no block module, so
+        # module hooks on a block never fire there). The tensor may be updated in place afterwards: use it at once.
+        self.block_input_observers: dict[int, Callable[[torch.Tensor], None]] = {}
 
     @staticmethod
     def block_needs_grad(x: torch.Tensor, attn: nn.Module, ff: nn.Module) -> bool:
@@ -327,6 +331,11 @@ class SequentialSequence(nn.Module):
     def block_fast_path_supported(cls, attn: PreLayerNorm, ff: PreLayerNorm) -> bool:
         return attn.fn.fast_path_supported and not _dropout_active(attn) and cls.feed_forward_fast_path_supported(ff)
 
+    def _observe(self, index: int, x: torch.Tensor) -> None:
+        observer = self.block_input_observers.get(index)
+        if observer is not None:
+            observer(x)
+
     def feed_forward(self, x: torch.Tensor, ff: PreLayerNorm, chunk_size: int) -> torch.Tensor:
         """x + ff(x) on the autograd route: the chunked `feed_forward_residual` where supported."""
         if not self.feed_forward_fast_path_supported(ff):
@@ -336,13 +345,15 @@ class SequentialSequence(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not fast_path_enabled():
-            for attn, ff in self.layers:
+            for index, (attn, ff) in enumerate(self.layers):
+                self._observe(index, x)
                 x = x + attn(x)
                 x = x + ff(x)
             return x
         owned = False  # whether x is a tensor made here, which the no-grad route may update in place
         workspace = Workspace(x.device)  # chunk buffers shared by the no-grad blocks of this call
-        for attn, ff in self.layers:
+        for index, (attn, ff) in enumerate(self.layers):
+            self._observe(index, x)
             if self.block_needs_grad(x, attn, ff):
                 x = x + attn(x)
                 x = self.feed_forward(x, ff, attn.fn.tokens_per_chunk(x.device))

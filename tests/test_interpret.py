@@ -85,7 +85,31 @@ def test_scores_do_not_depend_on_batch_mates_or_autocast():
     assert torch.allclose(alone, together, atol=1e-6)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = attention_received(model, tokens[:1])
-    assert low.dtype == torch.float32 and torch.isfinite(low).all()
+    # Under autocast the chosen block's input is recomputed in float32: the same scores.
+    assert low.dtype == torch.float32 and torch.allclose(low, alone, atol=1e-6)
+
+
+def test_float32_recording_runs_each_block_once(monkeypatch):
+    """The chosen block's input is taken from the model's own forward: recording the last layer adds no blocks."""
+    import performer_pytorch.performer_pytorch as model_module
+
+    calls = []
+    real = model_module.block_forward_no_grad
+
+    def spy(x, *args):
+        calls.append(1)
+        return real(x, *args)
+
+    monkeypatch.setattr(model_module, "block_forward_no_grad", spy)
+    model = tiny_model()
+    tokens = torch.randint(0, 6, (2, 33))
+    attention_received(model, tokens, layer=-1)
+    assert len(calls) == 3, "depth 3: three blocks, none run again for the recorder"
+    assert model.performer.net.block_input_observers == {}, "the observer is removed with the recorder"
+    calls.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        attention_received(model, tokens, layer=-1)
+    assert len(calls) == 3 + 2, "under autocast the two blocks below are rerun in float32"
 
 
 def test_missing_layer_is_refused_with_the_range():
