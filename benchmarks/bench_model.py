@@ -372,7 +372,7 @@ def target_lines(rows: list[dict]) -> list[str]:
             verdict = "met" if value >= threshold else "NOT met"
             lines.append(
                 f"full {mode} {dtype}: >= {threshold:.0%} of the {dtype} matmul rate; worst over batch sizes "
-                f"{value:.0%} (batch {worst['batch']}, {worst['seconds_per_cell']:.2f} s/cell): {verdict}"
+                f"{value:.1%} (batch {worst['batch']}, {worst['seconds_per_cell']:.2f} s/cell): {verdict}"
             )
         at_8 = [r for r in mine if r["batch"] == 8]
         if what == "mb_per_cell_at_8" and at_8:
