@@ -337,7 +337,7 @@ def format_row(row: dict) -> str:
         return f"{head} failed: {row['error']}"
     return (
         f"{head} {row['seconds']:8.3f} {row['seconds_per_cell']:7.3f} {row['cells_per_s']:8.3f} "
-        f"{row['gflop_per_cell']:8.1f} {row['achieved_gflops']:6.0f} {100 * row['fraction_of_matmul_rate']:5.0f}% "
+        f"{row['gflop_per_cell']:8.1f} {row['achieved_gflops']:6.0f} {100 * row['fraction_of_matmul_rate']:5.1f}% "
         f"{row['peak_rss_mb']:8.0f} {row['peak_rss_mb_per_cell']:8.0f} "
         f"{row['load_before']:4.1f}/{row['load_after']:<4.1f}"
     )
