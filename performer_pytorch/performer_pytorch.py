@@ -203,7 +203,7 @@ class SelfAttention(nn.Module):
         self.to_v = nn.Linear(dim, inner, bias=qkv_bias)
         self.to_out = nn.Linear(inner, dim, bias=attn_out_bias)
         self.dropout = nn.Dropout(dropout)
-        # Tokens per chunk on the fast path; None picks `fast_attention.default_chunk_size` for the device.
+        # Tokens per chunk on the fast path; None picks `fast_attention.default_chunk_size` for the device and dtype.
         self.chunk_size: int | None = None
 
     @property
@@ -211,8 +211,11 @@ class SelfAttention(nn.Module):
         """The fast path implements the softmax kernel (scBERT's); generalized attention stays on the plain path."""
         return not self.fast_attention.generalized_attention
 
-    def tokens_per_chunk(self, device: torch.device) -> int:
-        return self.chunk_size if self.chunk_size is not None else default_chunk_size(device)
+    def tokens_per_chunk(self, x: torch.Tensor) -> int:
+        """Tokens per chunk for input x: the set size, else the default for x's device and compute dtype."""
+        if self.chunk_size is not None:
+            return self.chunk_size
+        return default_chunk_size(x.device, compute_dtype(x))
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, tokens, heads * dim_head) -> (batch, heads, tokens, dim_head)."""
@@ -235,7 +238,7 @@ class SelfAttention(nn.Module):
         w_qkv = torch.cat([p.weight for p in projections])  # (3 h d, dim)
         b_qkv = None if self.to_q.bias is None else torch.cat([p.bias for p in projections])
         projection = self.fast_attention.projection_matrix
-        chunk_size = self.tokens_per_chunk(x.device)
+        chunk_size = self.tokens_per_chunk(x)
         w_out, b_out = self.to_out.weight, self.to_out.bias
         return self.dropout(favor_self_attention(x, w_qkv, b_qkv, w_out, b_out, projection, self.heads, chunk_size))
 
@@ -356,7 +359,7 @@ class SequentialSequence(nn.Module):
             self._observe(index, x)
             if self.block_needs_grad(x, attn, ff):
                 x = x + attn(x)
-                x = self.feed_forward(x, ff, attn.fn.tokens_per_chunk(x.device))
+                x = self.feed_forward(x, ff, attn.fn.tokens_per_chunk(x))
                 owned = False
             elif self.block_fast_path_supported(attn, ff):
                 dtype = compute_dtype(x)
@@ -365,7 +368,7 @@ class SequentialSequence(nn.Module):
                         x = x.detach().clone(memory_format=torch.contiguous_format)
                         owned = True
                     weights = BlockWeights.from_block(attn, ff, dtype)
-                    x = block_forward_no_grad(x, weights, attn.fn.tokens_per_chunk(x.device), dtype, workspace)
+                    x = block_forward_no_grad(x, weights, attn.fn.tokens_per_chunk(x), dtype, workspace)
             else:
                 with torch.no_grad():
                     x = x + attn(x)
@@ -649,7 +652,7 @@ class PerformerLM(nn.Module):
         return {"type": type(self.to_out).__name__}
 
     def set_chunk_size(self, tokens: int | None) -> None:
-        """Tokens per chunk on the fast path (None: the device's default, `fast_attention.default_chunk_size`).
+        """Tokens per chunk on the fast path (None: the default for the device and dtype, `default_chunk_size`).
 
         Only speed and memory depend on it, never the result (beyond float rounding)."""
         if tokens is not None and tokens < 1:
