@@ -13,12 +13,14 @@ Stages, each one of the project's real scripts run with real flags (the commands
   5. predict.py      annotation of held-out cells with novel-type detection, evaluated against their labels
   and, in-process, the baseline: L1 logistic regression on the same log-normalised expression and the same split.
 
-Everything is written under `--out_dir` (default demo_output/). The run is deterministic for a given `--seed`.
+Everything is written under `--out_dir` (default demo_output/); a rerun replaces the previous run's outputs there,
+checkpoints included. The run is deterministic for a given `--seed`.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import shlex
@@ -113,6 +115,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     logs = os.path.join(out, "logs")
     ckpts = os.path.join(out, "ckpts")
     os.makedirs(logs, exist_ok=True)
+    # The demo's own checkpoints from an earlier run: the training scripts refuse to start fresh over them (they
+    # never overwrite a run), so a rerun of the demo, which replaces all its outputs, removes them first.
+    earlier = sorted(p for name in ("demo_pretrain*", "demo_finetune*") for p in glob.glob(os.path.join(ckpts, name)))
+    if earlier:
+        print(f"removing {len(earlier)} files of the previous demo run from {ckpts}")
+        for path in earlier:
+            os.remove(path)
     py = sys.executable
     timings: dict[str, float] = {}
     label_key = "bulk_labels"

@@ -10,15 +10,8 @@ import demo
 @pytest.mark.slow
 def test_demo_pipeline_on_a_subsample(tmp_path, capsys):
     out = tmp_path / "demo"
-    results = demo.main(
-        [
-            "--out_dir", str(out),
-            "--n_cells", "160",
-            "--pretrain_epochs", "1",
-            "--finetune_epochs", "2",
-            "--gene2vec_epochs", "1",
-        ]
-    )
+    args = ["--n_cells", "160", "--pretrain_epochs", "1", "--finetune_epochs", "2", "--gene2vec_epochs", "1"]
+    results = demo.main(["--out_dir", str(out), *args])
     printed = capsys.readouterr().out
     # Every stage ran and is timed; the table names both methods.
     for stage in ("data", "preprocess", "gene2vec", "pretrain", "finetune", "predict", "baseline"):
@@ -37,3 +30,7 @@ def test_demo_pipeline_on_a_subsample(tmp_path, capsys):
     assert (out / "query_predictions.h5ad").exists() and (out / "query_predictions.csv").exists()
     assert (out / "ckpts" / "demo_finetune_best.pth").exists()
     assert list((out / "ckpts").glob("*confusion*.png"))
+    # Running it again in the same folder works (the training scripts would refuse to start fresh over the first
+    # run's checkpoints) and, being deterministic, gives the same figures.
+    again = demo.main(["--out_dir", str(out), *args])
+    assert again["scBERT"] == pytest.approx(results["scBERT"])
