@@ -1,6 +1,6 @@
 """Model throughput against this machine's matmul rate: inference, fine-tuning and pretraining steps, peak memory.
 
-    python benchmarks/bench_model.py                                  # the default run (about 8.5 minutes on 2 cores)
+    python benchmarks/bench_model.py                                  # the default run (about 13 minutes on 2 cores)
     python benchmarks/bench_model.py --sizes demo                     # seconds
     python benchmarks/bench_model.py --sizes full --modes infer --dtypes fp32 --batch_sizes 8
 
