@@ -22,18 +22,23 @@ numbers within float32 rounding, and torch's exp2 is 3x faster than exp on this 
 two (heads, features, tokens) exponentials per layer. Stabilisers are therefore kept in log2 units.
 The output phi_q C / (phi_q . z), with C = sum_n phi_k,n v_n^T and z = sum_n phi_k,n, does not change when phi is
 multiplied by a constant, so `ratio` is left out everywhere (it cancels exactly; only rounding differs).
-The key stabiliser is the max of s over heads, tokens and features of each cell, known only after the last chunk:
-the exp sums are kept relative to the running max and rescaled when it grows (as in streaming softmax); the eps
-parts (eps sum v and eps n) do not depend on the stabiliser and are added at the end. The query stabiliser is the max
-over features of each token, local to a chunk.
+The key stabiliser is the max of s over heads, tokens and features of each cell, known only after the last chunk;
+the query stabiliser is the max over features of each token, local to a chunk. Forward passes do not subtract them
+(nor diag) before the exponential: they compute 2^(s - r) for a reference r fixed before the pass (0 unless s is out
+of range, see FREE_ABOVE) and apply 2^(r - diag - stabiliser), one factor per token, on the smaller side of the next
+product, as [v | 1] (keys) or the (h, d + 1, c) product with [C | z] (queries). The key sums are rescaled when r
+moves (as in streaming softmax) and by 2^(r - max) at the end; the eps parts (eps sum v and eps n) do not depend on
+the stabiliser and are added at the end. Backward recomputes stabilised features (`query_exp_features`,
+`key_exp_features`), whose max entries also carry the stabilisers' gradients.
 
 Layout: chunks are kept "transposed", (heads, features, tokens), so that every product is one contiguous batched
 matmul over heads; the (m, d) projection is repeated per head once per call, (h, m, d), for `bmm`.
 bfloat16/float16 (autocast): matmuls run in the autocast dtype, sums over tokens, the context and the division in
 float32, as the plain path under autocast does for its matmuls.
 
-Tokens per chunk: `PerformerLM.set_chunk_size(n)` (default `default_chunk_size`); results do not depend on it beyond
-float rounding.
+Tokens per chunk: `PerformerLM.set_chunk_size(n)` (default `default_chunk_size`, by device and dtype); results do
+not depend on it beyond float rounding. Large whole-cell tensors of the autograd route come from `buffers.take`,
+which reuses them from one training step to the next.
 
 `plain_attention()` switches all of this off (the plain path), e.g. to compare: `with plain_attention(): model(x)`.
 """
@@ -58,7 +63,13 @@ LOG2E = 1.0 / math.log(2.0)
 # (h, d + 1, c) side: one pass over (h, m, c) fewer per chunk than subtracting them first. Safe while the max of s
 # (log2 units) lies in [r - FREE_BELOW, r + FREE_ABOVE]: 2^(s - r) <= 2^60 cannot overflow, and what flushes to zero
 # is below 2^-96 of the stabilised value (eps is 2^-13.3). Otherwise r is moved to the max (the stabilised path).
+# float16 (max 65504 = 2^16) has no such room: there r is always the max, as in the stabilised formulas.
 FREE_BELOW, FREE_ABOVE = 30.0, 60.0
+
+
+def free_range(dtype: torch.dtype) -> tuple[float, float]:
+    """(FREE_BELOW, FREE_ABOVE) for features computed in `dtype`; (0, 0) for float16."""
+    return (0.0, 0.0) if dtype == torch.float16 else (FREE_BELOW, FREE_ABOVE)
 
 # Tokens per chunk. Smaller chunks keep the (heads, features, chunk) temporaries in cache, bigger ones pay fewer
 # per-op and thread-synchronisation costs (each elementwise op is one OpenMP parallel region; a full-size forward
@@ -263,9 +274,10 @@ class KeyValueSums:
         self.max = torch.maximum(self.max, chunk_max)
         # Host-side tests (a sync on GPUs, where chunks are few).
         top = float(chunk_max)
+        below, above = free_range(s.dtype)
         if self.reference is None:
-            self.reference = 0.0 if -FREE_BELOW <= top <= FREE_ABOVE else top
-        elif top > self.reference + FREE_ABOVE:
+            self.reference = 0.0 if -below <= top <= above else top
+        elif top > self.reference + above:
             self.exp_sums.mul_(2.0 ** (self.reference - top))
             self.reference = top
         if self.reference != 0.0:
@@ -310,7 +322,8 @@ def attend_chunk(q_t: torch.Tensor, context: CellContext, ps2: torch.Tensor, ws:
     stabiliser = feature_max(s, dim=1).to(acc_dtype)  # (h, 1, c)
     diag = half_sq_norm_log2(q_t, ws, acc_dtype)
     low, high = torch.aminmax(stabiliser)
-    free = -FREE_BELOW <= float(low) and float(high) <= FREE_ABOVE  # a host-side test, as in KeyValueSums
+    below, above = free_range(s.dtype)
+    free = -below <= float(low) and float(high) <= above  # a host-side test, as in KeyValueSums
     if free:
         s.exp2_()
     else:
