@@ -362,13 +362,13 @@ class SequentialSequence(nn.Module):
                 x = self.feed_forward(x, ff, attn.fn.tokens_per_chunk(x))
                 owned = False
             elif self.block_fast_path_supported(attn, ff):
-                dtype = compute_dtype(x)
+                dtype, chunk_size = compute_dtype(x), attn.fn.tokens_per_chunk(x)  # both read autocast, still on here
                 with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
                     if not owned:
                         x = x.detach().clone(memory_format=torch.contiguous_format)
                         owned = True
                     weights = BlockWeights.from_block(attn, ff, dtype)
-                    x = block_forward_no_grad(x, weights, attn.fn.tokens_per_chunk(x), dtype, workspace)
+                    x = block_forward_no_grad(x, weights, chunk_size, dtype, workspace)
             else:
                 with torch.no_grad():
                     x = x + attn(x)

@@ -249,6 +249,34 @@ def test_frozen_blocks_run_without_autograd_when_fine_tuning(monkeypatch):
         assert rel_err(fast[name], plain[name]) < 1e-4, name
 
 
+def test_default_chunks_hold_the_same_bytes_in_bf16(monkeypatch):
+    """CPU chunks: 1,024 float32 tokens, 2,048 bfloat16 ones (autocast), on the no-grad and the autograd routes."""
+    chunks = []
+    real_block = model_module.block_forward_no_grad
+    real_attention = model_module.favor_self_attention
+
+    def block_spy(x, weights, chunk_size, *args):
+        chunks.append(("no-grad", chunk_size))
+        return real_block(x, weights, chunk_size, *args)
+
+    def attention_spy(*args):
+        chunks.append(("autograd", args[-1]))
+        return real_attention(*args)
+
+    monkeypatch.setattr(model_module, "block_forward_no_grad", block_spy)
+    monkeypatch.setattr(model_module, "favor_self_attention", attention_spy)
+    model = small_model(depth=1)
+    tokens = different_cells(61)
+    with torch.no_grad():
+        model.eval()(tokens)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(tokens)
+    model.train()(tokens)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(tokens)
+    assert chunks == [("no-grad", 1024), ("no-grad", 2048), ("autograd", 1024), ("autograd", 2048)]
+
+
 def test_plain_attention_switch_restores_the_fast_path(monkeypatch):
     calls = []
     monkeypatch.setattr(model_module, "block_forward_no_grad", lambda x, *a: calls.append(1) or x)
