@@ -7,9 +7,10 @@ reused for every chunk, cell and block, so nothing is handed back to the OS and 
 
 Two routes, both tested against the plain path (tests/test_fast_path.py):
 
-* `block_forward_no_grad`: a whole pre-LayerNorm block (attention + feed-forward) without autograd, for inference and
-  for frozen blocks during fine-tuning. Per cell, pass A streams key chunks and accumulates the key/value summaries,
-  pass B streams query chunks: attention, output projection, residual, feed-forward, residual, in place.
+* `blocks_forward_no_grad`: consecutive pre-LayerNorm blocks (attention + feed-forward) without autograd, for
+  inference and for frozen blocks during fine-tuning. Per cell and block, pass A makes each key chunk's key/value
+  summaries, merged in chunk order; pass B streams query chunks: attention, output projection, residual,
+  feed-forward, residual, in place. The chunk tasks run on `cpu_workers` threads on a CPU with several threads.
 * `favor_self_attention` (`FavorAttentionFunction`): the q, k, v projections and the attention as one autograd
   Function for blocks that need gradients; its forward is chunked like passes A/B and saves [q; k; v] and small
   per-cell summaries, its backward recomputes the features chunk by chunk. LayerNorm, the output projection and the
@@ -46,15 +47,16 @@ which reuses them from one training step to the next.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from . import buffers
+from . import buffers, cpu_workers
 
 EPS = 1e-4  # the softmax-kernel eps of SPEC section 2
 LOG2E = 1.0 / math.log(2.0)
@@ -292,6 +294,30 @@ class KeyValueSums:
         self.v_sum.add_(ws.cast("v_acc", v_t, acc_dtype).sum(dim=2))
         self.count += c
 
+    @classmethod
+    def merged(cls, parts: Sequence[KeyValueSums]) -> KeyValueSums:
+        """The summaries of a cell from those of its token slices (the first part is updated and returned)."""
+        total = parts[0]
+        for part in parts[1:]:
+            total.absorb(part)
+        return total
+
+    def absorb(self, other: KeyValueSums) -> None:
+        """Add another slice's summaries: the exp sums are brought to the larger of the two references first."""
+        if other.reference is None:  # it saw no tokens
+            return
+        if self.reference is None:
+            self.exp_sums, self.reference = other.exp_sums.clone(), other.reference
+        else:
+            top = max(self.reference, other.reference)
+            if self.reference != top:
+                self.exp_sums.mul_(2.0 ** (self.reference - top))
+            self.exp_sums.add_(other.exp_sums, alpha=2.0 ** (other.reference - top))
+            self.reference = top
+        self.v_sum.add_(other.v_sum)
+        self.count += other.count
+        self.max = torch.maximum(self.max, other.max)
+
     def context(self) -> torch.Tensor:
         """[C | z]^T (h, d + 1, m) in acc dtype: C = sum phi_k v^T and z = sum phi_k, with phi_k = E + eps."""
         eps_part = torch.cat([self.v_sum, torch.full_like(self.v_sum[:, :1], float(self.count))], dim=1)
@@ -413,41 +439,106 @@ def _linear_t(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     return torch.addmm(bias, weight, x.t(), out=out)
 
 
-@torch.no_grad()
 def block_forward_no_grad(
-    x: torch.Tensor, weights: BlockWeights, chunk_size: int, dtype: torch.dtype, ws: Workspace | None = None
+    x: torch.Tensor,
+    weights: BlockWeights,
+    chunk_size: int,
+    dtype: torch.dtype,
+    workspaces: Sequence[Workspace] | None = None,
 ) -> torch.Tensor:
-    """x <- x + attn(LN(x)); x <- x + ff(LN(x)), **in place** on x (batch, n, dim); returns x.
+    """x <- x + attn(LN(x)); x <- x + ff(LN(x)), **in place** on x (batch, n, dim); returns x. One block of
+    `blocks_forward_no_grad`."""
+    return blocks_forward_no_grad(x, [weights], chunk_size, dtype, workspaces)
 
-    Per cell: pass A over token chunks accumulates the key/value summaries; pass B over the same chunks attends,
-    projects, adds the residual and runs the feed-forward block. Temporaries are chunk-sized workspace buffers.
+
+def blocks_forward_no_grad(
+    x: torch.Tensor,
+    weights: Sequence[BlockWeights],
+    chunk_size: int,
+    dtype: torch.dtype,
+    workspaces: Sequence[Workspace] | None = None,
+) -> torch.Tensor:
+    """Consecutive blocks (x <- x + attn(LN(x)); x <- x + ff(LN(x)) each), **in place** on x (batch, n, dim).
+
+    Per cell and block, pass A over token chunks makes each chunk's key/value summaries (`_key_chunk`), which are
+    merged in chunk order (`KeyValueSums.merged`); pass B over the same chunks attends, projects, adds the residual
+    and runs the feed-forward block (`_query_chunk`). Chunk j of the next block's pass A can start as soon as chunk j
+    of this block's pass B is done. These chunk tasks run on `len(workspaces)` threads (`cpu_workers.run_graph`), one
+    workspace of chunk buffers each: threads then work on different kinds of chunk tasks (or different cells) at the
+    same time rather than the same op in lockstep. Every task computes the same numbers whichever thread runs it and
+    in whatever order, so results do not depend on the number of threads.
     """
-    w = weights
-    ws = ws if ws is not None else Workspace(x.device)
-    h, d, m = w.heads, w.dim_head, w.ps2.shape[1]
-    acc_dtype = accumulation_dtype(dtype)
-    n, dim = x.shape[1], x.shape[2]
-    for cell in x:  # (n, dim)
-        sums = KeyValueSums(h, m, d, ws=ws, acc_dtype=acc_dtype)
-        for start in range(0, n, chunk_size):
-            normed = _layer_norm(cell[start : start + chunk_size], w.norm1).to(dtype)  # (c, dim)
-            c = normed.shape[0]
-            kv_t = _linear_t(normed, w.w_kv, w.b_kv, ws.take("projected", (2 * h * d, c), dtype))  # (2 h d, c)
-            sums.add_chunk(kv_t[: h * d].view(h, d, c), kv_t[h * d :].view(h, d, c), w.ps2)
-        context = CellContext(sums.context(), dtype)
-        for start in range(0, n, chunk_size):
-            part = cell[start : start + chunk_size]  # (c, dim), a view: updated in place
-            normed = _layer_norm(part, w.norm1).to(dtype)
-            c = normed.shape[0]
-            q_t = _linear_t(normed, w.w_q, w.b_q, ws.take("projected", (h * d, c), dtype))
-            attended, _ = attend_chunk(q_t.view(h, d, c), context, w.ps2, ws, acc_dtype)
-            attended = ws.cast("attended_c", attended, dtype).view(h * d, c)
-            part.add_(_linear(attended.t(), w.w_out, w.b_out, ws.take("out", (c, dim), dtype)))
-            normed = _layer_norm(part, w.norm2).to(dtype)
-            hidden = _linear(normed, w.w1, w.b1, ws.take("hidden", (c, w.w1.shape[0]), dtype))
-            torch.ops.aten.gelu_(hidden)  # in place: F.gelu would allocate a (c, 4 dim) tensor per chunk
-            part.add_(_linear(hidden, w.w2, w.b2, ws.take("out", (c, dim), dtype)))
+    workspaces = list(workspaces) if workspaces else [Workspace(x.device)]
+    cells, n = x.shape[0], x.shape[1]
+    bounds = [(start, min(start + chunk_size, n)) for start in range(0, n, chunk_size)]
+    depth = len(weights)
+    chunk_sums: dict[tuple[int, int], list[KeyValueSums | None]] = {}
+    contexts: dict[tuple[int, int], CellContext] = {}
+    left: dict[tuple[str, int, int], int] = {}  # chunk tasks still to finish, per pass, cell and block
+
+    # Priorities: one cell after another; within a cell, merges first, then pass A, then pass B.
+    def key_task(cell: int, block: int, j: int) -> cpu_workers.Task:
+        start, stop = bounds[j]
+        fn = functools.partial(_key_chunk, x[cell, start:stop], weights[block], dtype)
+        return (cell, 1, block, j), ("A", cell, block, j), fn
+
+    def merge_task(cell: int, block: int) -> cpu_workers.Task:
+        def fn(ws: Workspace) -> CellContext:
+            return CellContext(KeyValueSums.merged(chunk_sums.pop((cell, block))).context(), dtype)
+
+        return (cell, 0, block, 0), ("M", cell, block, 0), fn
+
+    def query_task(cell: int, block: int, j: int) -> cpu_workers.Task:
+        start, stop = bounds[j]
+        fn = functools.partial(_query_chunk, x[cell, start:stop], weights[block], contexts[(cell, block)], dtype)
+        return (cell, 2, block, j), ("B", cell, block, j), fn
+
+    def on_done(key: tuple, result) -> list[cpu_workers.Task]:
+        kind, cell, block, j = key
+        if kind == "A":
+            chunk_sums.setdefault((cell, block), [None] * len(bounds))[j] = result
+            left[key[:3]] = left.get(key[:3], len(bounds)) - 1
+            return [merge_task(cell, block)] if left[key[:3]] == 0 else []
+        if kind == "M":
+            contexts[(cell, block)] = result
+            return [query_task(cell, block, j) for j in range(len(bounds))]
+        left[key[:3]] = left.get(key[:3], len(bounds)) - 1
+        if left[key[:3]] == 0:
+            del contexts[(cell, block)]
+        return [key_task(cell, block + 1, j)] if block + 1 < depth else []
+
+    first = [key_task(cell, 0, j) for cell in range(cells) for j in range(len(bounds))]
+    cpu_workers.run_graph(first, on_done, workspaces)
     return x
+
+
+@torch.no_grad()  # grad mode is per thread: set here, as chunk tasks run on cpu_workers threads
+def _key_chunk(tokens: torch.Tensor, w: BlockWeights, dtype: torch.dtype, ws: Workspace) -> KeyValueSums:
+    """Pass A for one chunk of tokens (c, dim): its key/value summaries."""
+    h, d, m = w.heads, w.dim_head, w.ps2.shape[1]
+    sums = KeyValueSums(h, m, d, ws=ws, acc_dtype=accumulation_dtype(dtype))
+    normed = _layer_norm(tokens, w.norm1).to(dtype)  # (c, dim)
+    c = normed.shape[0]
+    kv_t = _linear_t(normed, w.w_kv, w.b_kv, ws.take("projected", (2 * h * d, c), dtype))  # (2 h d, c)
+    sums.add_chunk(kv_t[: h * d].view(h, d, c), kv_t[h * d :].view(h, d, c), w.ps2)
+    return sums
+
+
+@torch.no_grad()
+def _query_chunk(part: torch.Tensor, w: BlockWeights, context: CellContext, dtype: torch.dtype, ws: Workspace) -> None:
+    """Pass B for one chunk (c, dim), in place: attention, output projection, residual, feed-forward, residual."""
+    h, d = w.heads, w.dim_head
+    acc_dtype, dim = accumulation_dtype(dtype), part.shape[1]
+    normed = _layer_norm(part, w.norm1).to(dtype)
+    c = normed.shape[0]
+    q_t = _linear_t(normed, w.w_q, w.b_q, ws.take("projected", (h * d, c), dtype))
+    attended, _ = attend_chunk(q_t.view(h, d, c), context, w.ps2, ws, acc_dtype)
+    attended = ws.cast("attended_c", attended, dtype).view(h * d, c)
+    part.add_(_linear(attended.t(), w.w_out, w.b_out, ws.take("out", (c, dim), dtype)))
+    normed = _layer_norm(part, w.norm2).to(dtype)
+    hidden = _linear(normed, w.w1, w.b1, ws.take("hidden", (c, w.w1.shape[0]), dtype))
+    torch.ops.aten.gelu_(hidden)  # in place: F.gelu would allocate a (c, 4 dim) tensor per chunk
+    part.add_(_linear(hidden, w.w2, w.b2, ws.take("out", (c, dim), dtype)))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

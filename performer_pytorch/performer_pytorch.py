@@ -37,11 +37,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_workers
 from .errors import ScbertError
 from .fast_attention import (
     BlockWeights,
     Workspace,
-    block_forward_no_grad,
+    blocks_forward_no_grad,
     compute_dtype,
     default_chunk_size,
     fast_path_enabled,
@@ -300,7 +301,8 @@ class SequentialSequence(nn.Module):
     On the fast path each block picks its route at every call:
     - no gradient needed (grad disabled, or an input that does not require grad and no trainable parameter in the
       block, as for the frozen lower blocks when fine-tuning): no autograd at all; the chunked in-place
-      `block_forward_no_grad` when the block supports it, else the plain modules under `torch.no_grad()`;
+      `blocks_forward_no_grad` when the block supports it (consecutive such blocks in one call), else the plain
+      modules under `torch.no_grad()`;
     - otherwise autograd, with the attention's projections and core in `FavorAttentionFunction` and the feed-forward
       sublayer in `FeedForwardFunction` (both chunked), LayerNorm and the output projection as modules.
     So fine-tuning code only sets `requires_grad` flags; nothing else to call.
@@ -354,27 +356,48 @@ class SequentialSequence(nn.Module):
                 x = x + ff(x)
             return x
         owned = False  # whether x is a tensor made here, which the no-grad route may update in place
-        workspace = Workspace(x.device)  # chunk buffers shared by the no-grad blocks of this call
-        for index, (attn, ff) in enumerate(self.layers):
+        # Chunk buffers shared by the no-grad blocks of this call: one set per thread running chunk tasks.
+        workspaces = [Workspace(x.device) for _ in range(cpu_workers.count(x.device))]
+        index = 0
+        while index < len(self.layers):
+            attn, ff = self.layers[index]
             self._observe(index, x)
             if self.block_needs_grad(x, attn, ff):
                 x = x + attn(x)
                 x = self.feed_forward(x, ff, attn.fn.tokens_per_chunk(x))
                 owned = False
+                index += 1
             elif self.block_fast_path_supported(attn, ff):
                 dtype, chunk_size = compute_dtype(x), attn.fn.tokens_per_chunk(x)  # both read autocast, still on here
+                stop = self._no_grad_run_end(index, x, chunk_size)
                 with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
                     if not owned:
                         x = x.detach().clone(memory_format=torch.contiguous_format)
                         owned = True
-                    weights = BlockWeights.from_block(attn, ff, dtype)
-                    x = block_forward_no_grad(x, weights, chunk_size, dtype, workspace)
+                    weights = [BlockWeights.from_block(a, f, dtype) for a, f in self.layers[index:stop]]
+                    x = blocks_forward_no_grad(x, weights, chunk_size, dtype, workspaces)
+                index = stop
             else:
                 with torch.no_grad():
                     x = x + attn(x)
                     x = x + ff(x)
                 owned = True
+                index += 1
         return x
+
+    def _no_grad_run_end(self, index: int, x: torch.Tensor, chunk_size: int) -> int:
+        """The end of the run of blocks from `index` that can go through `blocks_forward_no_grad` together: blocks
+        that need no gradient (their input will not require grad), support the route, use the same chunk size, and
+        whose input no observer wants to see."""
+        stop = index + 1
+        while stop < len(self.layers) and stop not in self.block_input_observers:
+            attn, ff = self.layers[stop]
+            if torch.is_grad_enabled() and any(p.requires_grad for m in (attn, ff) for p in m.parameters()):
+                break
+            if not self.block_fast_path_supported(attn, ff) or attn.fn.tokens_per_chunk(x) != chunk_size:
+                break
+            stop += 1
+        return stop
 
 
 class Performer(nn.Module):

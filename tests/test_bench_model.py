@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -56,7 +57,11 @@ def test_loop_measured_at_its_ends_uses_the_fastest_step_and_the_faster_end():
 def test_demo_run_prints_the_table_and_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     args = ["--sizes", "demo", "--modes", "infer", "--dtypes", "fp32", "--batch_sizes", "1", "--min_seconds", "0.05"]
-    rows = bench_model.main([*args, "--compare_plain", "False", "--json", str(out)])
+    threads = torch.get_num_threads()
+    try:
+        rows = bench_model.main([*args, "--compare_plain", "False", "--json", str(out)])
+    finally:
+        torch.set_num_threads(threads)  # the benchmark sets its own thread count
     printed = capsys.readouterr().out
     assert len(rows) == 1 and "error" not in rows[0], rows
     row = rows[0]

@@ -226,13 +226,13 @@ def test_frozen_blocks_run_without_autograd_when_fine_tuning(monkeypatch):
     for module in (model.norm, model.performer.net.layers[-2], model.to_out):
         module.requires_grad_(True)
     calls = []
-    real = model_module.block_forward_no_grad
+    real = model_module.blocks_forward_no_grad
 
-    def spy(x, *args):
-        calls.append(torch.is_grad_enabled())
-        return real(x, *args)
+    def spy(x, weights, *args):
+        calls.extend([torch.is_grad_enabled()] * len(weights))
+        return real(x, weights, *args)
 
-    monkeypatch.setattr(model_module, "block_forward_no_grad", spy)
+    monkeypatch.setattr(model_module, "blocks_forward_no_grad", spy)
     tokens = different_cells(61)
     torch.manual_seed(3)
     weights = torch.randn(3, 3)
@@ -252,7 +252,7 @@ def test_frozen_blocks_run_without_autograd_when_fine_tuning(monkeypatch):
 def test_default_chunks_hold_the_same_bytes_in_bf16(monkeypatch):
     """CPU chunks: 1,024 float32 tokens, 2,048 bfloat16 ones (autocast), on the no-grad and the autograd routes."""
     chunks = []
-    real_block = model_module.block_forward_no_grad
+    real_block = model_module.blocks_forward_no_grad
     real_attention = model_module.favor_self_attention
 
     def block_spy(x, weights, chunk_size, *args):
@@ -263,7 +263,7 @@ def test_default_chunks_hold_the_same_bytes_in_bf16(monkeypatch):
         chunks.append(("autograd", args[-1]))
         return real_attention(*args)
 
-    monkeypatch.setattr(model_module, "block_forward_no_grad", block_spy)
+    monkeypatch.setattr(model_module, "blocks_forward_no_grad", block_spy)
     monkeypatch.setattr(model_module, "favor_self_attention", attention_spy)
     model = small_model(depth=1)
     tokens = different_cells(61)
@@ -279,7 +279,7 @@ def test_default_chunks_hold_the_same_bytes_in_bf16(monkeypatch):
 
 def test_plain_attention_switch_restores_the_fast_path(monkeypatch):
     calls = []
-    monkeypatch.setattr(model_module, "block_forward_no_grad", lambda x, *a: calls.append(1) or x)
+    monkeypatch.setattr(model_module, "blocks_forward_no_grad", lambda x, *a: calls.append(1) or x)
     model = small_model(depth=1).eval()
     with torch.no_grad():
         with plain_attention():

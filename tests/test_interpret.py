@@ -94,13 +94,13 @@ def test_float32_recording_runs_each_block_once(monkeypatch):
     import performer_pytorch.performer_pytorch as model_module
 
     calls = []
-    real = model_module.block_forward_no_grad
+    real = model_module.blocks_forward_no_grad
 
-    def spy(x, *args):
-        calls.append(1)
-        return real(x, *args)
+    def spy(x, weights, *args):
+        calls.extend([1] * len(weights))
+        return real(x, weights, *args)
 
-    monkeypatch.setattr(model_module, "block_forward_no_grad", spy)
+    monkeypatch.setattr(model_module, "blocks_forward_no_grad", spy)
     model = tiny_model()
     tokens = torch.randint(0, 6, (2, 33))
     attention_received(model, tokens, layer=-1)
