@@ -470,6 +470,8 @@ def blocks_forward_no_grad(
     """
     workspaces = list(workspaces) if workspaces else [Workspace(x.device)]
     cells, n = x.shape[0], x.shape[1]
+    if min(chunk_size, n) * x.shape[2] * weights[0].heads * weights[0].dim_head < cpu_workers.MIN_TASK_WORK:
+        workspaces = workspaces[:1]  # small tasks: threads would cost more than they gain
     bounds = [(start, min(start + chunk_size, n)) for start in range(0, n, chunk_size)]
     depth = len(weights)
     chunk_sums: dict[tuple[int, int], list[KeyValueSums | None]] = {}

@@ -10,6 +10,12 @@ import torch
 from performer_pytorch import PerformerLM, cpu_workers, plain_attention
 
 
+@pytest.fixture(autouse=True)
+def threads_for_tiny_tasks(monkeypatch):
+    """The tiny test models' chunk tasks would run in the calling thread (MIN_TASK_WORK): here they go to threads."""
+    monkeypatch.setattr(cpu_workers, "MIN_TASK_WORK", 0)
+
+
 @contextlib.contextmanager
 def torch_threads(n: int):
     before = torch.get_num_threads()
@@ -141,3 +147,21 @@ def test_inference_mode_of_the_caller_holds_on_the_threads():
     with torch_threads(1), torch.inference_mode():
         one = model(tokens)
     assert torch.equal(one, two)
+
+
+def test_small_chunk_tasks_stay_in_the_calling_thread(monkeypatch):
+    monkeypatch.setattr(cpu_workers, "MIN_TASK_WORK", 1 << 24)
+    threads_used = []
+    real = cpu_workers.run_graph
+
+    def spy(first, on_done, states):
+        threads_used.append(len(states))
+        return real(first, on_done, states)
+
+    monkeypatch.setattr(cpu_workers, "run_graph", spy)
+    model, tokens = model_and_cells()
+    with torch_threads(2), torch.no_grad():
+        model.eval()(tokens)
+        monkeypatch.setattr(cpu_workers, "MIN_TASK_WORK", 0)
+        model(tokens)
+    assert threads_used == [1, 2]
