@@ -138,7 +138,7 @@ def _ensure_pool(threads: int) -> bool:
     if _pool is not None:
         _pool.shutdown(wait=True)
         _pool, _pool_size = None, 0
-    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="performer-slices")
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="performer-chunks")
     try:
         first = _on_every_thread(pool, threads, _single_threaded)
         torch.set_num_threads(threads)  # the default new threads start from, and this thread's own count

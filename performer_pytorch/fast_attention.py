@@ -296,14 +296,15 @@ class KeyValueSums:
 
     @classmethod
     def merged(cls, parts: Sequence[KeyValueSums]) -> KeyValueSums:
-        """The summaries of a cell from those of its token slices (the first part is updated and returned)."""
+        """The summaries of a cell from those of its chunks, added in the order given (the first part is updated and
+        returned)."""
         total = parts[0]
         for part in parts[1:]:
             total.absorb(part)
         return total
 
     def absorb(self, other: KeyValueSums) -> None:
-        """Add another slice's summaries: the exp sums are brought to the larger of the two references first."""
+        """Add the summaries of other tokens: the exp sums are brought to the larger of the two references first."""
         if other.reference is None:  # it saw no tokens
             return
         if self.reference is None:
@@ -437,18 +438,6 @@ def _linear_t(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     if bias is None:
         return torch.mm(weight, x.t(), out=out)
     return torch.addmm(bias, weight, x.t(), out=out)
-
-
-def block_forward_no_grad(
-    x: torch.Tensor,
-    weights: BlockWeights,
-    chunk_size: int,
-    dtype: torch.dtype,
-    workspaces: Sequence[Workspace] | None = None,
-) -> torch.Tensor:
-    """x <- x + attn(LN(x)); x <- x + ff(LN(x)), **in place** on x (batch, n, dim); returns x. One block of
-    `blocks_forward_no_grad`."""
-    return blocks_forward_no_grad(x, [weights], chunk_size, dtype, workspaces)
 
 
 def blocks_forward_no_grad(
