@@ -356,8 +356,9 @@ class SequentialSequence(nn.Module):
                 x = x + ff(x)
             return x
         owned = False  # whether x is a tensor made here, which the no-grad route may update in place
-        # Chunk buffers shared by the no-grad blocks of this call: one set per thread running chunk tasks.
-        workspaces = [Workspace(x.device) for _ in range(cpu_workers.count(x.device))]
+        # Chunk buffers shared by the no-grad blocks of this call, one set per thread running chunk tasks: made at the
+        # first such block (a call with none, e.g. pretraining, starts no threads).
+        workspaces: list[Workspace] = []
         index = 0
         while index < len(self.layers):
             attn, ff = self.layers[index]
@@ -374,6 +375,8 @@ class SequentialSequence(nn.Module):
                     if not owned:
                         x = x.detach().clone(memory_format=torch.contiguous_format)
                         owned = True
+                    if not workspaces:
+                        workspaces = [Workspace(x.device) for _ in range(cpu_workers.count(x.device))]
                     weights = [BlockWeights.from_block(a, f, dtype) for a, f in self.layers[index:stop]]
                     x = blocks_forward_no_grad(x, weights, chunk_size, dtype, workspaces)
                 index = stop
