@@ -7,8 +7,15 @@ import torch
 import torch.nn.functional as F
 
 import performer_pytorch.performer_pytorch as model_module
-from performer_pytorch import ClassificationHead, PerformerLM, build_model, load_checkpoint, plain_attention
-from performer_pytorch.fast_attention import FREE_ABOVE, favor_self_attention, feature_max
+from performer_pytorch import (
+    ClassificationHead,
+    PerformerLM,
+    build_model,
+    fast_attention,
+    load_checkpoint,
+    plain_attention,
+)
+from performer_pytorch.fast_attention import FREE_ABOVE, favor_self_attention, feature_max, head_groups
 from performer_pytorch.fast_feedforward import FeedForwardFunction
 from performer_pytorch.performer_pytorch import gaussian_orthogonal_random_matrix, linear_attention, softmax_kernel
 
@@ -118,9 +125,9 @@ def test_stabiliser_ties_share_the_gradient_like_autograd():
     assert_same_output_and_gradients(*inputs, projection, 4, 1e-10)
 
 
-def largest_feature_log2(x, w_k, projection) -> float:
-    """max over tokens, heads and features of s = P k d^-1/4, in log2 units, for 2 heads."""
-    k = F.linear(x, w_k).unflatten(-1, (2, -1))
+def largest_feature_log2(x, w_k, projection, heads=2) -> float:
+    """max over tokens, heads and features of s = P k d^-1/4, in log2 units."""
+    k = F.linear(x, w_k).unflatten(-1, (heads, -1))
     return (k @ projection.t() * k.shape[-1] ** -0.25 / math.log(2.0)).max().item()
 
 
@@ -139,6 +146,38 @@ def test_features_far_out_of_range_take_the_stabilised_route(loud):
         expected = plain_attention_layer(x, w_qkv, w_out, b_out, projection, 2)
         inputs32 = [t.float() for t in (x, w_qkv, w_out, b_out, projection)]
         fast32 = favor_self_attention(inputs32[0], inputs32[1], None, *inputs32[2:], 2, 3)
+    assert torch.isfinite(fast32).all() and rel_err(fast32.double(), expected) < 1e-5
+
+
+@pytest.mark.parametrize("loud_head", [0, 1])
+def test_head_groups_one_head_at_a_time_give_the_plain_paths_numbers(monkeypatch, loud_head):
+    """On a CPU the forward goes through the heads of a chunk in groups (fast_attention.head_groups; at the test sizes
+    all heads make one group). One head per group: the same outputs, also when one head's features are far out of
+    range and the other's are not, so that the groups of a chunk take different routes, and (loud head 1) the key
+    sums' reference moves between two groups of the same chunk."""
+    monkeypatch.setattr(fast_attention, "CPU_GROUP_BYTES", 1)
+    assert head_groups(2, 100, torch.device("cpu")) == [slice(0, 1), slice(1, 2)]
+    model = small_model().eval()
+    model.set_chunk_size(16)
+    tokens = different_cells(61)
+    with torch.no_grad():
+        fast = model(tokens)
+        with plain_attention():
+            plain = model(tokens)
+    assert rel_err(fast, plain) < 1e-5
+
+    x, w_qkv, w_out, b_out, projection = layer_inputs(torch.float64, n=12)
+    rows = [slice(4 * head, 4 * head + 4) for head in (loud_head, 1 - loud_head)]
+    with torch.no_grad():
+        w_qkv[rows[0]] *= 40.0  # the loud head's queries
+        w_qkv[8:16][rows[0]] *= 40.0  # and keys
+    loud, quiet = (largest_feature_log2(x, w_qkv[8:16][r], projection, heads=1) for r in rows)
+    assert loud > max(2 * FREE_ABOVE, 128) and quiet < FREE_ABOVE
+    assert_same_output_and_gradients(x, w_qkv, w_out, b_out, projection, 5, 1e-10)
+    with torch.no_grad():
+        expected = plain_attention_layer(x, w_qkv, w_out, b_out, projection, 2)
+        inputs32 = [t.float() for t in (x, w_qkv, w_out, b_out, projection)]
+        fast32 = favor_self_attention(inputs32[0], inputs32[1], None, *inputs32[2:], 2, 5)
     assert torch.isfinite(fast32).all() and rel_err(fast32.double(), expected) < 1e-5
 
 
