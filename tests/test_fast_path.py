@@ -131,6 +131,15 @@ def largest_feature_log2(x, w_k, projection, heads=2) -> float:
     return (k @ projection.t() * k.shape[-1] ** -0.25 / math.log(2.0)).max().item()
 
 
+def assert_float32_finite_and_close(x, w_qkv, w_out, b_out, projection, chunk):
+    """The same float64 inputs in float32: finite (no overflow on the unstabilised route) and within 1e-5."""
+    with torch.no_grad():
+        expected = plain_attention_layer(x, w_qkv, w_out, b_out, projection, 2)
+        inputs32 = [t.float() for t in (x, w_qkv, w_out, b_out, projection)]
+        fast32 = favor_self_attention(inputs32[0], inputs32[1], None, *inputs32[2:], 2, chunk)
+    assert torch.isfinite(fast32).all() and rel_err(fast32.double(), expected) < 1e-5
+
+
 @pytest.mark.parametrize("loud", ["first-chunk", "later-chunk"])
 def test_features_far_out_of_range_take_the_stabilised_route(loud):
     """The forward skips subtracting the stabilisers while s stays in a safe range (fast_attention.FREE_ABOVE). A
@@ -142,11 +151,7 @@ def test_features_far_out_of_range_take_the_stabilised_route(loud):
         x[:, slice(0, 3) if loud == "first-chunk" else slice(6, 9)] *= 60.0
     assert largest_feature_log2(x, w_qkv.chunk(3)[1], projection) > max(2 * FREE_ABOVE, 128)  # 2^128: float32 inf
     assert_same_output_and_gradients(x, w_qkv, w_out, b_out, projection, 3, 1e-10)
-    with torch.no_grad():
-        expected = plain_attention_layer(x, w_qkv, w_out, b_out, projection, 2)
-        inputs32 = [t.float() for t in (x, w_qkv, w_out, b_out, projection)]
-        fast32 = favor_self_attention(inputs32[0], inputs32[1], None, *inputs32[2:], 2, 3)
-    assert torch.isfinite(fast32).all() and rel_err(fast32.double(), expected) < 1e-5
+    assert_float32_finite_and_close(x, w_qkv, w_out, b_out, projection, 3)
 
 
 @pytest.mark.parametrize("loud_head", [0, 1])
@@ -174,11 +179,7 @@ def test_head_groups_one_head_at_a_time_give_the_plain_paths_numbers(monkeypatch
     loud, quiet = (largest_feature_log2(x, w_qkv[8:16][r], projection, heads=1) for r in rows)
     assert loud > max(2 * FREE_ABOVE, 128) and quiet < FREE_ABOVE
     assert_same_output_and_gradients(x, w_qkv, w_out, b_out, projection, 5, 1e-10)
-    with torch.no_grad():
-        expected = plain_attention_layer(x, w_qkv, w_out, b_out, projection, 2)
-        inputs32 = [t.float() for t in (x, w_qkv, w_out, b_out, projection)]
-        fast32 = favor_self_attention(inputs32[0], inputs32[1], None, *inputs32[2:], 2, 5)
-    assert torch.isfinite(fast32).all() and rel_err(fast32.double(), expected) < 1e-5
+    assert_float32_finite_and_close(x, w_qkv, w_out, b_out, projection, 5)
 
 
 def test_float16_features_stay_stabilised():
