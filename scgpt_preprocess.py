@@ -1,0 +1,181 @@
+"""The scGPT / scLLM preprocessing recipe: raw counts -> HVG-restricted, per-cell binned values for the transformer.
+
+Steps (scLLM's order, `../shared/reference/SCGPT.md` section 1):
+1. `filter_genes(min_counts=1)`, then `filter_cells(min_counts=1)`;
+2. highly variable genes, `flavor="seurat_v3"` on the counts with `batch_key` (one global set of `n_hvg`, ranked by
+   the number of batches calling a gene variable; `span` 1.0 as scLLM ran, scanpy's default 0.3 reachable), kept;
+   or, with `genes` (a checkpoint's vocabulary), those genes in that order instead (missing ones are zero);
+3. cells left without counts over the kept genes are dropped (they have nothing to bin);
+4. `normalize_total(target_sum=1e4)` then `log1p`, kept in `layers["X_log1p"]`;
+5. per-cell quantile binning of those values into `n_bins` (`binning.bin_cells`), written to `X`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from binning import bin_cells, looks_binned
+from utils import ScbertError
+
+__all__ = ["NORMALISED_LAYER", "SCGPT_UNS_KEY", "preprocess_scgpt"]
+
+SCGPT_UNS_KEY = "scgpt_preprocess"
+NORMALISED_LAYER = "X_log1p"
+
+
+def _count_problem(x: sp.csr_matrix) -> str | None:
+    data = x.data
+    if data.size == 0:
+        return "no non-zero values"
+    if not np.isfinite(data).all():
+        return "NaN or infinite values"
+    if data.min() < 0:
+        return f"negative values (minimum {data.min():g})"
+    if not np.all(data == np.round(data)):
+        return "non-integer values (normalised data?)"
+    return None
+
+
+def _align(x: sp.csr_matrix, names: Sequence[str], genes: Sequence[str]) -> tuple[sp.csr_matrix, int]:
+    """Columns of `x` moved to `genes` order (missing genes zero, extra genes dropped); returns (matrix, found)."""
+    position = {g: j for j, g in enumerate(genes)}
+    source, target = [], []
+    for i, name in enumerate(names):
+        j = position.pop(str(name), None)  # a repeated name keeps its first column
+        if j is not None:
+            source.append(i)
+            target.append(j)
+    mapping = sp.csr_matrix(
+        (np.ones(len(source), dtype=np.float32), (source, target)), shape=(x.shape[1], len(genes))
+    )
+    return sp.csr_matrix(x @ mapping), len(source)
+
+
+def preprocess_scgpt(
+    adata: ad.AnnData,
+    *,
+    n_hvg: int = 1200,
+    hvg_batch_key: str | None = "donor_id",
+    span: float = 1.0,
+    n_bins: int = 51,
+    target_sum: float = 1e4,
+    seed: int = 0,
+    genes: Sequence[str] | None = None,
+    counts_layer: str | None = None,
+) -> ad.AnnData:
+    """Counts in `adata.X` (or `adata.layers[counts_layer]`) -> the transformer's input; `adata` is not modified.
+
+    genes: a vocabulary's genes (from a transformer checkpoint): use them in their order instead of choosing HVGs.
+    Returns a new AnnData: X = CSR int8 bins (0 for zeros, 1..n_bins-1 otherwise), layers["X_log1p"] = CSR float32
+    log1p(CP10K), obs = the kept cells' obs, var = the kept genes (with scanpy's HVG columns when chosen here),
+    uns["scgpt_preprocess"] = {"params": ..., "summary": {cells_in, cells_out, genes_in, genes_out, ...},
+    "bin_edges": (cells_out, n_bins - 1) float32, row i the edges of cell i}.
+    Raises ScbertError for binned or non-count input, a missing batch column, or fewer genes than n_hvg.
+    """
+    import scanpy as sc
+
+    if SCGPT_UNS_KEY in adata.uns:
+        raise ScbertError(
+            f"the input is already binned (it has uns[{SCGPT_UNS_KEY!r}]): pass the raw counts it was made from"
+        )
+    matrix = adata.X if counts_layer is None else adata.layers.get(counts_layer)
+    where = "X" if counts_layer is None else f"layer {counts_layer!r}"
+    if matrix is None:
+        raise ScbertError(f"the input has no matrix in {where}: pass raw counts")
+    counts = sp.csr_matrix(matrix, dtype=np.float32)
+    if looks_binned(counts, n_bins):
+        raise ScbertError(
+            f"{where} already holds bins (whole numbers 0..{n_bins - 1}, the top bin in most cells): pass the raw "
+            f"counts it was made from"
+        )
+    problem = _count_problem(counts)
+    if problem:
+        raise ScbertError(f"{where} holds {problem}, so it is not raw counts: the scGPT recipe starts from raw counts")
+    if genes is None and hvg_batch_key is not None and hvg_batch_key not in adata.obs.columns:
+        raise ScbertError(
+            f"--hvg_batch_key {hvg_batch_key!r} is not a column of obs (columns: {list(adata.obs.columns)}): name the "
+            f"column that holds each cell's sample (donor_id for Census data), or pass --hvg_batch_key none"
+        )
+    if not 2 <= n_bins <= 128:
+        raise ScbertError(f"--n_bins {n_bins} is outside 2..128: the recipe uses 51")
+
+    work = ad.AnnData(X=counts, obs=adata.obs.copy(), var=pd.DataFrame(index=adata.var_names.astype(str)))
+    cells_in, genes_in = work.n_obs, work.n_vars
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning)
+        sc.pp.filter_genes(work, min_counts=1)
+        sc.pp.filter_cells(work, min_counts=1)
+    if genes is None:
+        if work.n_vars < n_hvg:
+            raise ScbertError(
+                f"only {work.n_vars} genes have counts, fewer than --n_hvg {n_hvg}: lower --n_hvg or pass more genes"
+            )
+        try:
+            sc.pp.highly_variable_genes(
+                work, n_top_genes=n_hvg, flavor="seurat_v3", batch_key=hvg_batch_key, span=span, subset=True
+            )
+        except ImportError as err:
+            raise ScbertError(
+                "highly variable genes with flavor seurat_v3 need the scikit-misc package: install requirements.txt"
+            ) from err
+        except (ValueError, ZeroDivisionError) as err:
+            raise ScbertError(
+                f"seurat_v3 highly variable genes failed ({err}); batches of one or two cells often cause this: drop "
+                f"them or pass a larger --hvg_span"
+            ) from err
+        gene_source = f"seurat_v3 HVGs, batch_key {hvg_batch_key}"
+        found = work.n_vars
+    else:
+        genes = [str(g) for g in genes]
+        x, found = _align(work.X, work.var_names, genes)
+        if found == 0:
+            raise ScbertError(
+                f"none of the input's {work.n_vars} genes is in the vocabulary of {len(genes)} genes "
+                f"(e.g. {genes[:3]}): check that var_names hold gene symbols like the model's"
+            )
+        work = ad.AnnData(X=x, obs=work.obs, var=pd.DataFrame(index=pd.Index(genes, dtype=object)))
+        gene_source = f"vocabulary of {len(genes)} genes"
+    cells_before = work.n_obs
+    keep = np.flatnonzero(np.diff(sp.csr_matrix(work.X).indptr) > 0)
+    if keep.size == 0:
+        raise ScbertError("no cell has counts over the kept genes: check the gene names")
+    work = work[keep].copy()
+
+    normed = sp.csr_matrix(work.X, dtype=np.float32, copy=True)
+    totals = np.asarray(normed.sum(axis=1), dtype=np.float64).ravel()
+    normed = sp.csr_matrix(sp.diags((target_sum / totals).astype(np.float32)) @ normed)
+    normed.data = np.log1p(normed.data)
+    bins, edges = bin_cells(normed, n_bins=n_bins, seed=seed)
+
+    out = ad.AnnData(X=bins, obs=work.obs.copy(), var=work.var.copy())
+    out.layers[NORMALISED_LAYER] = normed
+    out.uns[SCGPT_UNS_KEY] = {
+        "params": {
+            "recipe": "scgpt",
+            "n_hvg": int(n_hvg) if genes is None else 0,
+            "hvg_batch_key": hvg_batch_key or "",
+            "hvg_span": float(span),
+            "n_bins": int(n_bins),
+            "target_sum": float(target_sum),
+            "seed": int(seed),
+            "genes": gene_source,
+            "counts_from": where,
+        },
+        "summary": {
+            "cells_in": int(cells_in),
+            "cells_out": int(out.n_obs),
+            "cells_without_counts": int(cells_in - cells_before),
+            "cells_empty_over_genes": int(cells_before - out.n_obs),
+            "genes_in": int(genes_in),
+            "genes_out": int(out.n_vars),
+            "genes_found": int(found),
+        },
+        "bin_edges": edges,
+    }
+    return out
