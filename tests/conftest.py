@@ -1,7 +1,13 @@
 """Shared test fixtures: the reference fixture from ../shared and tiny models."""
 
+import os
 import sys
 from pathlib import Path
+
+# scanpy's seurat_v3 HVGs run numba-parallel code; a numba pool of 2 threads started after torch has run kernels
+# made every later torch op in the same process 10-20x slower on the busy 2-core machine (seen: a tiny pretraining
+# loop 0.55 s -> 12 s per epoch). One numba thread avoids it; must be set before numba is imported.
+os.environ.setdefault("NUMBA_NUM_THREADS", "1")
 
 import pytest
 import torch
