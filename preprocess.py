@@ -794,11 +794,24 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--normalize False --log1p False if they are already log2(1 + CP10K))",
     )
     parser.add_argument("--overwrite", type=str2bool, default=False, help="replace an existing --out_path")
+    parser.add_argument(
+        "--recipe",
+        default="scbert",
+        choices=["scbert", "scgpt"],
+        help="scbert (this page's steps) or scgpt: HVGs and per-cell bins for the transformer (scgpt_preprocess.py "
+        "--help lists its flags: --n_hvg, --hvg_batch_key, --hvg_span, --n_bins, --ref <transformer checkpoint>)",
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     """Preprocess one input file; writes the output .h5ad and prints the summary. Returns the summary."""
+    recipe = argparse.ArgumentParser(add_help=False)
+    recipe.add_argument("--recipe", default="scbert")
+    if recipe.parse_known_args(argv)[0].recipe == "scgpt":
+        from scgpt_preprocess import main as scgpt_main
+
+        return scgpt_main(argv)
     args = get_args_parser().parse_args(argv)
     out_path = args.out_path or default_out_path(args.data_path)
     input_kind(args.data_path)

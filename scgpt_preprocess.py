@@ -179,3 +179,68 @@ def preprocess_scgpt(
         "bin_edges": edges,
     }
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Command line (`preprocess.py --recipe scgpt ...` lands here)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def reference_genes(path: str) -> list[str]:
+    """The genes of a transformer checkpoint's vocabulary (read with weights_only=True)."""
+    from transformer_model import load_transformer
+
+    return load_transformer(path)[1].genes
+
+
+def get_args_parser(add_help: bool = True):
+    import argparse
+
+    from utils import str2bool
+
+    parser = argparse.ArgumentParser(
+        "scGPT recipe: raw counts -> HVG-restricted, per-cell binned values for the transformer", add_help=add_help
+    )
+    parser.add_argument("--recipe", default="scgpt", choices=["scgpt"], help="this recipe (from preprocess.py)")
+    parser.add_argument("--data_path", required=True, help="raw counts: .h5ad, 10x folder or .h5, or a table")
+    parser.add_argument("--out_path", default=None, help="output .h5ad (default: <input>_scgpt.h5ad)")
+    parser.add_argument("--ref", default=None,
+                        help="a transformer checkpoint: use its vocabulary's genes instead of choosing HVGs")
+    parser.add_argument("--n_hvg", type=int, default=1200, help="highly variable genes to keep (scLLM: 1200)")
+    parser.add_argument("--hvg_batch_key", default="donor_id",
+                        help="obs column of each cell's sample for seurat_v3 HVGs ('none' for no batches)")
+    parser.add_argument("--hvg_span", type=float, default=1.0,
+                        help="loess span of seurat_v3 (scLLM ran 1.0; scanpy's default is 0.3)")
+    parser.add_argument("--n_bins", type=int, default=51, help="bins including 0 (scGPT: 51)")
+    parser.add_argument("--counts_layer", default=None, help="layer holding the counts (default: X)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random spreading of tied values")
+    parser.add_argument("--overwrite", type=str2bool, default=False, help="replace an existing --out_path")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Run the recipe on one file and write the output; returns the summary."""
+    import os
+
+    from preprocess import check_out_path, read_input, write_h5ad_atomic
+
+    args = get_args_parser().parse_args(argv)
+    out_path = args.out_path or f"{os.path.splitext(os.path.normpath(args.data_path))[0]}_scgpt.h5ad"
+    check_out_path(args.data_path, out_path, args.overwrite)
+    genes = reference_genes(args.ref) if args.ref else None
+    adata = read_input(args.data_path)
+    batch_key = None if str(args.hvg_batch_key).lower() == "none" else args.hvg_batch_key
+    out = preprocess_scgpt(adata, n_hvg=args.n_hvg, hvg_batch_key=batch_key, span=args.hvg_span, n_bins=args.n_bins,
+                           seed=args.seed, genes=genes, counts_layer=args.counts_layer)
+    out.uns[SCGPT_UNS_KEY]["params"]["input"] = os.path.abspath(args.data_path)
+    write_h5ad_atomic(out, out_path)
+    summary = dict(out.uns[SCGPT_UNS_KEY]["summary"])
+    print(f"wrote {out_path}: {out.n_obs} cells x {out.n_vars} genes ({summary['genes_found']} found), bins "
+          f"1..{args.n_bins - 1} in X, log1p(CP10K) in layers[{NORMALISED_LAYER!r}]")
+    return summary
+
+
+if __name__ == "__main__":
+    from utils import run_cli
+
+    run_cli(main)

@@ -90,3 +90,41 @@ def test_normalised_input_refused(binned):
     logged = ad.AnnData(X=binned.layers[NORMALISED_LAYER], obs=binned.obs)
     with pytest.raises(ScbertError, match="not raw counts"):
         preprocess_scgpt(logged, n_hvg=100)
+
+
+def test_preprocess_cli_recipe_scgpt_and_ref(pbmc, tmp_path):
+    import preprocess
+    from transformer_model import GeneVocab, TransformerModel, save_transformer
+
+    raw = tmp_path / "raw.h5ad"
+    pbmc.write_h5ad(raw)
+    out = tmp_path / "binned.h5ad"
+    summary = preprocess.main(["--data_path", str(raw), "--recipe", "scgpt", "--n_hvg", "150", "--hvg_batch_key",
+                               "donor_id", "--n_bins", "21", "--out_path", str(out)])
+    binned = ad.read_h5ad(out)
+    assert binned.n_vars == 150 == summary["genes_out"] and binned.X.max() == 20
+    assert binned.uns[SCGPT_UNS_KEY]["params"]["hvg_span"] == 1.0
+    # --ref: a transformer checkpoint's genes, in its order.
+    vocab = GeneVocab(list(binned.var_names[::-1]))
+    ckpt = tmp_path / "t.pth"
+    save_transformer(str(ckpt), TransformerModel(n_tokens=len(vocab), pad_id=vocab.pad_id, dim=8, depth=1, heads=2,
+                                                 ff_dim=8), vocab)
+    mapped = tmp_path / "mapped.h5ad"
+    preprocess.main(["--data_path", str(raw), "--recipe", "scgpt", "--ref", str(ckpt), "--out_path", str(mapped)])
+    assert list(ad.read_h5ad(mapped).var_names) == vocab.genes
+    with pytest.raises(ScbertError, match="already exists"):
+        preprocess.main(["--data_path", str(raw), "--recipe", "scgpt", "--n_hvg", "150", "--out_path", str(out)])
+
+
+def test_preprocess_cli_bad_input_exit_2(pbmc, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    raw = tmp_path / "raw.h5ad"
+    pbmc.write_h5ad(raw)
+    script = Path(__file__).resolve().parents[1] / "preprocess.py"
+    for extra, words in ((["--hvg_batch_key", "sample"], "not a column of obs"), (["--n_hvg", "5000"], "--n_hvg")):
+        proc = subprocess.run([sys.executable, str(script), "--data_path", str(raw), "--recipe", "scgpt",
+                               "--out_path", str(tmp_path / "o.h5ad"), *extra], capture_output=True, text=True)
+        assert proc.returncode == 2 and words in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
