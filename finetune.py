@@ -47,11 +47,23 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from classification import (
+    EarlyStopping,
+    attach_head,
+    classification_step,
+    describe_trainable,
+    inverse_frequency_weights,
+    parse_unfreeze,
+    read_labels,
+    set_trainable,
+    validation_step,
+)
 from label_io import write_label_files
-from performer_pytorch import ClassificationHead, PerformerLM, build_model, load_checkpoint
+from metrics import classification_metrics
+from models import load_model
+from performer_pytorch import load_checkpoint
 from performer_pytorch.checkpoint import read_checkpoint_file
 from training import (
     Amp,
@@ -84,7 +96,6 @@ from utils import ScbertError, atomic_write_bytes, run_cli, str2bool
 
 VALID_SIZE = 0.2  # SPEC section 4: one stratified 80/20 split
 GRAD_CLIP = 1e6  # SPEC section 4: the published fine-tuning clip (in effect none; pretraining clips at 100)
-HEAD_H_DIM = 128  # SPEC section 2: the head's Linear(512, 128)
 MIN_LR, WARMUP, FIRST_CYCLE, CYCLE_MULT, GAMMA = 1e-6, 5, 15, 2, 0.9  # SPEC sections 4 and 6
 
 
@@ -134,43 +145,6 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def read_labels(obs, label_key: str, *, data_name: str = "the data") -> tuple[list[str], np.ndarray]:
-    """Class names (sorted unique, as the reference's `np.unique`) and each cell's class index (int64, data order).
-
-    obs: the AnnData `obs` frame. Raises ScbertError for a missing column (listing those there are), missing (NaN)
-    labels, a single class, or a class with one cell (a stratified split cannot put it on both sides).
-    """
-    if label_key not in obs.columns:
-        available = ", ".join(repr(str(c)) for c in obs.columns[:30]) or "none"
-        raise ScbertError(
-            f"{data_name} has no obs column {label_key!r} (its obs columns: {available}): pass the column holding "
-            "the cell types with --label_key"
-        )
-    column = obs[label_key]
-    missing = int(np.asarray(column.isna()).sum())
-    if missing:
-        raise ScbertError(
-            f"{missing} of {len(column)} cells have no label (NaN) in obs[{label_key!r}]: remove those cells or give "
-            "them a label before fine-tuning"
-        )
-    names = np.asarray(column.astype(str))
-    classes, labels = np.unique(names, return_inverse=True)
-    classes = [str(c) for c in classes]
-    if len(classes) < 2:
-        raise ScbertError(
-            f"obs[{label_key!r}] holds one class only ({classes[0]!r}): a classifier needs at least two cell types"
-        )
-    counts = np.bincount(labels, minlength=len(classes))
-    single = [classes[i] for i in np.flatnonzero(counts == 1)]
-    if single:
-        raise ScbertError(
-            f"cell type {', '.join(map(repr, single[:10]))} in obs[{label_key!r}] has a single cell, which a "
-            "stratified split cannot put in both training and validation: remove that cell or merge the type with a "
-            "related one"
-        )
-    return classes, labels.astype(np.int64)
-
-
 def make_splits(labels: np.ndarray, *, n_splits: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """(train, validation) cell indices, each sorted: one stratified 80/20 split, or stratified k-fold.
 
@@ -201,17 +175,6 @@ def make_splits(labels: np.ndarray, *, n_splits: int, seed: int) -> list[tuple[n
     return [(np.sort(tr), np.sort(va)) for tr, va in folds.split(np.zeros((len(labels), 1)), labels)]
 
 
-def inverse_frequency_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
-    """Weights proportional to 1 / (cells of the class), scaled to average 1 over classes: (n_classes,) float32.
-
-    A class with no cell in `labels` gets weight 0 (it cannot occur in the loss anyway).
-    """
-    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
-    weights = np.divide(1.0, counts, out=np.zeros_like(counts), where=counts > 0)
-    weights *= n_classes / weights.sum()
-    return torch.tensor(weights, dtype=torch.float32)
-
-
 def build_criterion(args: argparse.Namespace, train_labels: np.ndarray, n_classes: int) -> nn.CrossEntropyLoss:
     """Cross-entropy, a mean over the batch, with `--class_weight` and `--label_smoothing`."""
     if not 0.0 <= args.label_smoothing < 1.0:
@@ -231,57 +194,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, learning_rate: float) -> C
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def parse_unfreeze(spec: str, depth: int) -> list[int] | str:
-    """`--unfreeze_layers` -> sorted non-negative block indices, or "all". Accepts "all", "none" or a comma list of
-    indices (negative count from the end). Raises ScbertError for text or indices that do not fit `depth` blocks."""
-    text = str(spec).strip().lower()
-    if text == "all":
-        return "all"
-    if text in {"none", ""}:
-        return []
-    try:
-        raw = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise ScbertError(
-            f"--unfreeze_layers {spec!r} is not understood: pass block indices such as -2 or 0,-1, 'all' or 'none'"
-        ) from None
-    bad = [i for i in raw if not -depth <= i < depth]
-    if bad:
-        raise ScbertError(
-            f"--unfreeze_layers {spec!r} names block {bad[0]} but the model has {depth} blocks (indices {-depth}.."
-            f"{depth - 1}): pass indices in that range, 'all' or 'none'"
-        )
-    return sorted({i % depth for i in raw})
-
-
-def set_trainable(model: PerformerLM, unfreeze: list[int] | str) -> None:
-    """requires_grad as published (SPEC section 4): everything frozen, then the final `norm`, the chosen blocks and
-    the head (`to_out`) unfrozen. "all": the whole model except the gene2vec table, which is never trained."""
-    for param in model.parameters():
-        param.requires_grad_(False)
-    if unfreeze == "all":
-        for name, param in model.named_parameters():
-            param.requires_grad_(not name.startswith("pos_emb."))
-        return
-    trainable = [model.norm, *(model.performer.net.layers[i] for i in unfreeze)]
-    if model.to_out is not None:
-        trainable.append(model.to_out)
-    for module in trainable:
-        for param in module.parameters():
-            param.requires_grad_(True)
-
-
-def attach_head(model: PerformerLM, n_classes: int) -> PerformerLM:
-    """Replace `to_out` by a freshly initialised scBERT classification head for `n_classes` (dropout 0)."""
-    config = model.config
-    model.to_out = ClassificationHead(seq_len=config["max_seq_len"], dim=config["dim"], n_classes=n_classes,
-                                      h_dim=HEAD_H_DIM, dropout=0.0)
-    return model
-
-
 def build_finetune_model(
     args: argparse.Namespace, genes: Sequence[str], classes: Sequence[str], *, resume_path: str | None = None
-) -> PerformerLM:
+) -> nn.Module:
     """The model to fine-tune, with requires_grad set by `--unfreeze_layers`.
 
     Fresh: the trunk of `--model_path` (any head it had is dropped; genes checked by `build_model_from_args`), or
@@ -295,52 +210,20 @@ def build_finetune_model(
                 f"cannot resume from {resume_path!r}: it was trained on classes {ckpt.classes[:8]} but the data hold "
                 f"{list(classes)[:8]}: use the same data and --label_key, or another --model_name"
             )
-        model = build_model(ckpt, head="checkpoint")
+        model = load_model(ckpt, head="checkpoint")
     else:
         if not args.model_path:
             print("warning: no --model_path: fine-tuning from random weights (the 'no pretraining' ablation)",
                   file=sys.stderr)
         model = build_model_from_args(args, genes, checkpoint_path=args.model_path, head="none")
-        if args.model_path and bool(args.pos_embed) != bool(model.config.get("g2v_position_emb")):
+        trained_with = model.config.get("g2v_position_emb")
+        if args.model_path and trained_with is not None and bool(args.pos_embed) != bool(trained_with):
             print(f"warning: --pos_embed {args.pos_embed} ignored: {args.model_path!r} was trained "
-                  f"{'with' if model.pos_emb is not None else 'without'} gene2vec embeddings and its weights decide",
+                  f"{'with' if trained_with else 'without'} gene2vec embeddings and its weights decide",
                   file=sys.stderr)
         attach_head(model, len(classes))
-    set_trainable(model, parse_unfreeze(args.unfreeze_layers, model.config["depth"]))
+    set_trainable(model, parse_unfreeze(args.unfreeze_layers, len(model.named_blocks())))
     return model
-
-
-def describe_trainable(model: nn.Module) -> str:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return f"{trainable:,} of {sum(p.numel() for p in model.parameters()):,} parameters train"
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Metrics and their files
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
-    """Accuracy, macro-F1 (over all classes), per-class precision/recall/F1/support, confusion matrix (rows: true).
-
-    Plain Python numbers, so the result goes into JSON and checkpoints as it is.
-    """
-    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
-
-    index = list(range(len(classes)))
-    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=index, zero_division=0)
-    return {
-        "n_cells": int(len(y_true)),
-        "accuracy": float(accuracy_score(y_true, y_pred)),
-        "macro_f1": float(f1_score(y_true, y_pred, labels=index, average="macro", zero_division=0)),
-        "per_class": {
-            name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
-                   "support": int(support[i])}
-            for i, name in enumerate(classes)
-        },
-        "classes": list(classes),
-        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=index).tolist(),
-    }
 
 
 def write_json(path: str, value: Any) -> None:
@@ -399,31 +282,6 @@ def summarise_folds(fold_metrics: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
-class EarlyStopping:
-    """The best validation accuracy so far and how many validations in a row failed to beat it."""
-
-    def __init__(self, patience: int):
-        self.patience, self.best, self.best_epoch, self.bad = patience, -math.inf, 0, 0
-
-    def update(self, accuracy: float, epoch: int) -> bool:
-        """Record one validation; True when strictly better than every earlier one (as the reference)."""
-        if accuracy > self.best:
-            self.best, self.best_epoch, self.bad = accuracy, epoch, 0
-            return True
-        self.bad += 1
-        return False
-
-    @property
-    def should_stop(self) -> bool:
-        return self.patience > 0 and self.bad >= self.patience
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "best_epoch": self.best_epoch, "bad": self.bad}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.best, self.best_epoch, self.bad = float(state["best"]), int(state["best_epoch"]), int(state["bad"])
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------------------------------
@@ -479,21 +337,6 @@ def _finetune(args: argparse.Namespace, ctx: DistContext) -> list[dict[str, Any]
                    f"{summary['accuracy']['std']:.4f}, macro-F1 {summary['macro_f1']['mean']:.4f} ± "
                    f"{summary['macro_f1']['std']:.4f} (written to {path})", ctx=ctx)
     return results
-
-
-def _train_step(criterion: nn.Module):
-    def step(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logits = model(batch["tokens"])  # (cells, classes)
-        loss = criterion(logits.float(), batch["label"])
-        return loss, {"correct": (logits.detach().argmax(dim=-1) == batch["label"]).sum()}
-
-    return step
-
-
-def _valid_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    logits = model(batch["tokens"]).float()  # (cells, classes)
-    return {"index": batch["index"], "label": batch["label"], "pred": logits.argmax(dim=-1),
-            "loss_sum": F.cross_entropy(logits, batch["label"], reduction="sum")}
 
 
 def save_best(args: argparse.Namespace, ctx: DistContext, *, model, genes, classes, labels, metrics) -> None:
@@ -586,7 +429,7 @@ def finetune_split(
                f"cells, {describe_trainable(model)}, epochs {start_epoch}..{args.epoch}", ctx=ctx)
 
     logger = JsonlLogger(resolve_log_path(args), ctx)
-    train_step = _train_step(criterion)
+    train_step = classification_step(criterion)
     last_good = epoch_checkpoint_path(ckpt_dir, name, start_epoch - 1) if start_epoch > 1 else None
     epoch = start_epoch
     while epoch <= args.epoch and not stopped:
@@ -602,7 +445,7 @@ def finetune_split(
         if fold is not None:
             record["fold"] = fold
         if epoch % args.valid_every == 0 or epoch == args.epoch:
-            valid = evaluate(model, valid_loader, _valid_step, ctx=ctx, amp=amp)
+            valid = evaluate(model, valid_loader, validation_step, ctx=ctx, amp=amp)
             metrics = classification_metrics(valid["label"].numpy(), valid["pred"].numpy(), classes)
             improved = stopper.update(metrics["accuracy"], epoch)
             record.update({"valid_loss": valid["loss_sum"] / max(valid["cells"], 1),

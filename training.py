@@ -47,9 +47,10 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from performer_pytorch import PerformerLM, build_model, checkpoint_payload, load_checkpoint, save_checkpoint
-from performer_pytorch.checkpoint import CheckpointError, read_checkpoint_file
-from utils import PREPROCESS_UNS_KEY, ScbertError, check_gene_order, read_preprocessed, str2bool, tokenize
+from models import BinVocab, Vocab, build_model, load_model, model_family
+from performer_pytorch import checkpoint_payload, load_checkpoint, save_checkpoint
+from performer_pytorch.checkpoint import DEFAULT_MODEL_TYPE, CheckpointError, read_checkpoint_file
+from utils import PREPROCESS_UNS_KEY, ScbertError, check_gene_order, read_preprocessed, str2bool
 
 __all__ = [
     "Amp",
@@ -379,14 +380,16 @@ class CellDataset(Dataset):
     """Cells of a CSR matrix, tokenised one at a time (never densifying the whole matrix).
 
     matrix: (cells, genes) CSR log2(1 + CP10K) values. indices: which rows to serve (default all).
-    labels: optional integer label per row of `matrix`.
-    Items: {"tokens": (genes + 1,) int64, "index": row number in `matrix`, "label": int64 (when labels given)}.
+    labels: optional integer label per row of `matrix`. vocab: the model family's vocabulary (`model.vocab`), which
+    turns a cell's values into its batch entries; default scBERT's bins with `bin_num`.
+    Items: the vocab's entries ({"tokens": (genes + 1,) int64} for the Performer), "index": row number in `matrix`,
+    "label": int64 (when labels given).
     """
 
     def __init__(self, matrix: sp.spmatrix, *, bin_num: int = 5, indices: Sequence[int] | None = None,
-                 labels: Sequence[int] | np.ndarray | None = None):
+                 labels: Sequence[int] | np.ndarray | None = None, vocab: Vocab | None = None):
         self.matrix = matrix if sp.isspmatrix_csr(matrix) else sp.csr_matrix(matrix)
-        self.bin_num = bin_num
+        self.vocab = vocab if vocab is not None else BinVocab(bin_num=bin_num, gene_num=self.matrix.shape[1])
         self.indices = np.arange(self.matrix.shape[0]) if indices is None else np.asarray(indices, dtype=np.int64)
         self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
 
@@ -398,7 +401,7 @@ class CellDataset(Dataset):
         start, end = self.matrix.indptr[row], self.matrix.indptr[row + 1]
         values = np.zeros(self.matrix.shape[1], dtype=np.float32)
         values[self.matrix.indices[start:end]] = self.matrix.data[start:end]
-        out = {"tokens": tokenize(values, self.bin_num), "index": row}
+        out = {**self.vocab.make_cell(values), "index": row}
         if self.labels is not None:
             out["label"] = int(self.labels[row])
         return out
@@ -499,24 +502,25 @@ def build_model_from_args(
     *,
     checkpoint_path: str | None = None,
     head: str = "lm",
-) -> PerformerLM:
-    """A PerformerLM from the flags, or from a starting checkpoint.
+) -> torch.nn.Module:
+    """The model of `--model_type` (default the Performer) from the flags, or from a starting checkpoint.
 
-    From flags: num_tokens = bin_num + 2, max_seq_len = gene_num + 1, dim/depth/heads/dim_head, gene2vec from
-    `--gene2vec_path` when `--pos_embed True`; head "lm" builds the pretraining head, "none" leaves `to_out` None.
-    From a checkpoint: its stored architecture and weights (`load_checkpoint` + `build_model(head=...)`, where head is
-    "lm", "none" or "checkpoint"); its gene list must equal `genes`.
+    From flags: the family's `config_from_args` (for the Performer: the vocabulary of --bin_num/--gene_num, the
+    sizes, gene2vec from `--gene2vec_path` when `--pos_embed True`); head "lm" builds the pretraining head, "none"
+    leaves it off. From a checkpoint: its family, stored architecture and weights (`models.load_model(head=...)`,
+    head "lm", "none" or "checkpoint"); its gene list must equal `genes`.
     """
     check_gene_num(args.gene_num, len(genes), args.data_path or "the data")
     if checkpoint_path is not None:
         ckpt = load_checkpoint(checkpoint_path)
-        check_checkpoint_genes(ckpt.genes, genes, checkpoint_path, n_positions=ckpt.config["max_seq_len"] - 1)
-        if ckpt.config["num_tokens"] != args.bin_num + 2:
+        vocab = model_family(ckpt.model_type).vocab_for(ckpt.config)
+        check_checkpoint_genes(ckpt.genes, genes, checkpoint_path, n_positions=vocab.gene_num)
+        if vocab.bin_num != args.bin_num:
             raise ScbertError(
-                f"{checkpoint_path!r} was trained with {ckpt.config['num_tokens'] - 2} bins but --bin_num is "
-                f"{args.bin_num}: pass --bin_num {ckpt.config['num_tokens'] - 2}"
+                f"{checkpoint_path!r} was trained with {vocab.bin_num} bins but --bin_num is {args.bin_num}: "
+                f"pass --bin_num {vocab.bin_num}"
             )
-        return build_model(ckpt, head=head)
+        return load_model(ckpt, head=head)
     if args.pos_embed and not args.gene2vec_path:
         raise ScbertError(
             "--pos_embed True needs gene2vec rows: pass --gene2vec_path <.npy from gene2vec.py> (one row per gene of "
@@ -524,17 +528,9 @@ def build_model_from_args(
         )
     if args.gene2vec_path and args.pos_embed and not os.path.isfile(args.gene2vec_path):
         raise ScbertError(f"gene2vec file {args.gene2vec_path!r} does not exist: check --gene2vec_path")
-    return PerformerLM(
-        num_tokens=args.bin_num + 2,
-        max_seq_len=args.gene_num + 1,
-        dim=args.dim,
-        depth=args.depth,
-        heads=args.heads,
-        dim_head=args.dim_head,
-        g2v_position_emb=args.pos_embed,
-        gene2vec=args.gene2vec_path if args.pos_embed else None,
-        lm_head=head == "lm",
-    )
+    model_type = getattr(args, "model_type", DEFAULT_MODEL_TYPE)
+    config, options = model_family(model_type).config_from_args(args)
+    return build_model(model_type, config, **options, lm_head=head == "lm")
 
 
 def check_checkpoint_genes(
@@ -557,8 +553,9 @@ def check_checkpoint_genes(
 
 def check_model_flags(args: argparse.Namespace, config: dict[str, Any], path: str) -> None:
     """The model-size flags must describe the checkpoint being resumed (rerunning the same command does)."""
+    vocab = BinVocab(bin_num=args.bin_num, gene_num=args.gene_num)
     wanted = {"dim": args.dim, "depth": args.depth, "heads": args.heads, "dim_head": args.dim_head,
-              "g2v_position_emb": args.pos_embed, "num_tokens": args.bin_num + 2, "max_seq_len": args.gene_num + 1}
+              "g2v_position_emb": args.pos_embed, **vocab.config()}
     flag = {"g2v_position_emb": "--pos_embed", "num_tokens": "--bin_num (+2)", "max_seq_len": "--gene_num (+1)"}
     differing = [k for k, v in wanted.items() if k in config and config[k] != v]
     if differing:
@@ -1032,7 +1029,8 @@ def restore_training_state(
     """
     ckpt = load_checkpoint(path)
     if genes is not None:
-        check_checkpoint_genes(ckpt.genes, genes, path, n_positions=ckpt.config["max_seq_len"] - 1)
+        check_checkpoint_genes(ckpt.genes, genes, path,
+                           n_positions=model_family(ckpt.model_type).vocab_for(ckpt.config).gene_num)
     core = unwrap_model(model)
     own = getattr(core, "config", None)
     if own is not None:

@@ -17,6 +17,7 @@ import torch
 
 import finetune
 from label_io import read_label_dict
+from models import ScbertPerformer
 from performer_pytorch import PerformerLM, build_model, checkpoint_payload, load_checkpoint, save_checkpoint
 from utils import PREPROCESS_UNS_KEY, ScbertError, tokenize
 
@@ -181,8 +182,8 @@ def test_inverse_frequency_class_weights_average_one_and_enter_the_loss():
 
 
 def test_unfreeze_choices():
-    model = finetune.attach_head(PerformerLM(num_tokens=7, max_seq_len=9, dim=8, depth=3, heads=1, dim_head=4,
-                                             gene2vec=torch.randn(8, 8), lm_head=False), 2)
+    model = finetune.attach_head(ScbertPerformer(num_tokens=7, max_seq_len=9, dim=8, depth=3, heads=1, dim_head=4,
+                                                 gene2vec=torch.randn(8, 8), lm_head=False), 2)
 
     def training(spec):
         finetune.set_trainable(model, finetune.parse_unfreeze(spec, 3))
@@ -234,6 +235,15 @@ def test_finetunes_separable_types_and_the_best_checkpoint_predicts_alone(tiny, 
                   "--out_path", str(tmp_path / "query_pred.h5ad")])
     called = ad.read_h5ad(tmp_path / "query_pred.h5ad").obs["scbert_celltype"].astype(str).to_numpy()
     assert np.mean(called == np.asarray(classes)[labels[valid]]) == pytest.approx(best["accuracy"])
+    assert load_checkpoint(str(alone)).payload["model_type"] == "performer"
+    # One macro-F1: fine-tuning's validation figure, predict's metrics and the demo's table agree on these cells.
+    import demo
+    from metrics import annotation_metrics
+
+    truth = np.asarray(classes)[labels[valid]]
+    scored, _ = annotation_metrics(truth, called, classes, novel_type=False)
+    assert scored["macro_f1"] == pytest.approx(best["macro_f1"], abs=1e-12)
+    assert demo.summarise(truth, called, classes)["macro_f1"] == pytest.approx(best["macro_f1"], abs=1e-12)
 
     # Files a user keeps: no-pickle labels, metrics, confusion matrix (CSV and PNG), one log line per epoch.
     assert read_label_dict(str(ckpts / "finetune_label_dict.txt")) == classes

@@ -63,6 +63,7 @@ def test_checkpoints_and_log_are_written_in_the_reference_naming(run, data):
     records, ckpt_dir = run
     ckpt = load_checkpoint(str(ckpt_dir / "tiny_2.pth"))
     assert ckpt.genes == [f"G{i}" for i in range(48)] and ckpt.head == {"type": "lm"}
+    assert ckpt.payload["model_type"] == "performer" and ckpt.model_type == "performer"
     assert ckpt.payload["epoch"] == 2 and ckpt.payload["scheduler_state_dict"]["last_epoch"] == 2
     model = build_model(ckpt)
     # The reference's loader: torch.load(...)["model_state_dict"] into a model built from the same flags.
