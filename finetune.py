@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import io
 import json
 import math
@@ -46,7 +47,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
 from classification import (
@@ -66,37 +66,30 @@ from models import load_model
 from performer_pytorch import load_checkpoint
 from performer_pytorch.checkpoint import read_checkpoint_file
 from training import (
-    Amp,
     BootstrapSampler,
     CellDataset,
-    CosineAnnealingWarmupRestarts,
     DistContext,
-    JsonlLogger,
-    build_loader,
+    Run,
+    RunSettings,
     build_model_from_args,
+    check_positive,
     cleanup_distributed,
-    epoch_checkpoint_path,
-    evaluate,
+    fit,
     get_common_parser,
     load_training_data,
     named_checkpoint_path,
     print0,
     resolve_log_path,
     resolve_resume,
-    restore_training_state,
     save_training_checkpoint,
-    seed_everything,
-    set_loader_epoch,
     setup_distributed,
     split_indices,
-    train_one_epoch,
-    wrap_model,
+    start_run,
 )
 from utils import ScbertError, atomic_write_bytes, run_cli, str2bool
 
 VALID_SIZE = 0.2  # SPEC section 4: one stratified 80/20 split
 GRAD_CLIP = 1e6  # SPEC section 4: the published fine-tuning clip (in effect none; pretraining clips at 100)
-MIN_LR, WARMUP, FIRST_CYCLE, CYCLE_MULT, GAMMA = 1e-6, 5, 15, 2, 0.9  # SPEC sections 4 and 6
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -181,12 +174,6 @@ def build_criterion(args: argparse.Namespace, train_labels: np.ndarray, n_classe
         raise ScbertError(f"--label_smoothing must be in [0, 1), got {args.label_smoothing}")
     weight = inverse_frequency_weights(train_labels, n_classes) if args.class_weight == "inverse" else None
     return nn.CrossEntropyLoss(weight=weight, label_smoothing=args.label_smoothing)
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, learning_rate: float) -> CosineAnnealingWarmupRestarts:
-    """The published schedule (SPEC section 6), stepped once per epoch: epoch 1 runs at min_lr 1e-6."""
-    return CosineAnnealingWarmupRestarts(optimizer, first_cycle_steps=FIRST_CYCLE, cycle_mult=CYCLE_MULT,
-                                         max_lr=learning_rate, min_lr=MIN_LR, warmup_steps=WARMUP, gamma=GAMMA)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -288,9 +275,7 @@ def summarise_folds(fold_metrics: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _check_flags(args: argparse.Namespace) -> None:
-    for flag in ("epoch", "batch_size", "grad_acc", "valid_every", "n_splits"):
-        if getattr(args, flag) < 1:
-            raise ScbertError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    check_positive(args, "epoch", "batch_size", "grad_acc", "valid_every", "n_splits")
     if args.patience < 0:
         raise ScbertError(f"--patience must be 0 (never stop early) or more, got {args.patience}")
     if not 0.0 <= args.label_smoothing < 1.0:
@@ -372,120 +357,87 @@ def finetune_split(
     fold: int | None = None,
 ) -> dict[str, Any]:
     """Train on `train_idx`, validate on `valid_idx`, keep the best epoch; returns its validation metrics."""
-    ckpt_dir, name = args.ckpt_dir, args.model_name
-    best_path = named_checkpoint_path(ckpt_dir, name, "best")
+    best_path = named_checkpoint_path(args.ckpt_dir, args.model_name, "best")
     resume_path = resolve_resume(args)
     if resume_path is None and os.path.exists(best_path):
         raise ScbertError(
             f"{best_path!r} exists from an earlier run and a fresh run would overwrite it: pass another --model_name "
             "or --ckpt_dir, or move it away"
         )
-    amp = Amp(args.amp, ctx.device)
-    # The same head and (random-trunk) weights on every rank and for any number of ranks; then seed + rank.
-    torch.manual_seed(args.seed)
-    model = build_finetune_model(args, genes, classes, resume_path=resume_path)
-    seed_everything(args.seed, ctx.rank)
-    model = wrap_model(model, ctx)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate)
-    scheduler = build_scheduler(optimizer, args.learning_rate)
-    criterion = build_criterion(args, labels[train_idx], len(classes)).to(ctx.device)
     stopper = EarlyStopping(args.patience)
-    best_metrics: dict[str, Any] | None = None
-    stopped, start_epoch = False, 1
-    if resume_path:
-        payload = restore_training_state(resume_path, model=model, ctx=ctx, genes=genes, optimizer=optimizer,
-                                         scheduler=scheduler, amp=amp)
-        state = payload.get("finetune_state") or {}
-        if state.get("unfreeze_layers", args.unfreeze_layers) != args.unfreeze_layers:
-            raise ScbertError(
-                f"cannot resume from {resume_path!r} with --unfreeze_layers {args.unfreeze_layers}: that run trained "
-                f"{state['unfreeze_layers']}; rerun with it, or pass another --model_name"
-            )
-        if state.get("early_stopping"):
-            stopper.load_state_dict(state["early_stopping"])
-        best_metrics, stopped = state.get("best_metrics"), bool(state.get("stopped"))
-        start_epoch = int(payload["epoch"]) + 1
-        if best_metrics is not None and best_metrics["epoch"] == payload["epoch"] and not _best_is_at(
-            best_path, payload["epoch"]
-        ):
-            # Killed between the epoch checkpoint and the best one: the weights just restored are the best ones.
-            save_best(args, ctx, model=model, genes=genes, classes=classes, labels=labels, metrics=best_metrics)
-        print0(f"resuming from {resume_path} (epoch {payload['epoch']} complete); next epoch {start_epoch}", ctx=ctx)
-
-    x = adata.X
-    train_set = CellDataset(x, bin_num=args.bin_num, indices=train_idx, labels=labels)
-    valid_set = CellDataset(x, bin_num=args.bin_num, indices=valid_idx, labels=labels)
-    sampler = (BootstrapSampler(len(train_set), rank=ctx.rank, world_size=ctx.world_size, seed=args.seed)
+    state = {"early_stopping": stopper,
+             "settings": RunSettings(repr(resume_path), unfreeze_layers=args.unfreeze_layers)}
+    sampler = (BootstrapSampler(len(train_idx), rank=ctx.rank, world_size=ctx.world_size, seed=args.seed)
                if args.sampling == "bootstrap" else None)
-    train_loader = build_loader(train_set, batch_size=args.batch_size, ctx=ctx, train=True, seed=args.seed,
-                                num_workers=args.num_workers, sampler=sampler)
-    valid_loader = build_loader(valid_set, batch_size=args.batch_size, ctx=ctx, train=False,
-                                num_workers=args.num_workers)
-    if stopped or start_epoch > args.epoch:
-        print0(f"run {name!r} is already complete ({'stopped early' if stopped else 'all epochs done'} after epoch "
-               f"{start_epoch - 1}): rewriting its metrics files; pass another --model_name to train again", ctx=ctx)
+    run = start_run(args, ctx, make_model=lambda: build_finetune_model(args, genes, classes, resume_path=resume_path),
+                    genes=genes, train_set=CellDataset(adata.X, bin_num=args.bin_num, indices=train_idx,
+                                                       labels=labels),
+                    valid_set=CellDataset(adata.X, bin_num=args.bin_num, indices=valid_idx, labels=labels),
+                    resume_path=resume_path, clip_norm=GRAD_CLIP, divide_by_grad_acc=args.loss_div_grad_acc,
+                    classes=classes, state=state, sampler=sampler)
+    keep = dict(ctx=ctx, genes=genes, classes=classes, labels=labels)
+    best = stopper.best_metrics
+    if best is not None and best["epoch"] == run.start_epoch - 1 and not _best_is_at(best_path, best["epoch"]):
+        # Killed between the epoch checkpoint and the best one: the weights just restored are the best ones.
+        save_best(args, model=run.model, metrics=best, **keep)
+    _announce(run, stopper)
+
+    def valid_summary(valid: dict[str, Any], epoch: int) -> dict[str, Any]:
+        metrics = classification_metrics(valid["label"].numpy(), valid["pred"].numpy(), classes)
+        improved = stopper.update(metrics["accuracy"], epoch, metrics)
+        return {"valid_loss": valid["loss_sum"] / max(valid["cells"], 1), "valid_acc": metrics["accuracy"],
+                "valid_macro_f1": metrics["macro_f1"], "valid_cells": int(valid["cells"]),
+                "valid_time": valid["time"], "best": improved}
+
+    def after_save(record: dict[str, Any]) -> None:
+        if record.get("best"):
+            save_best(args, model=run.model, metrics=stopper.best_metrics, **keep)
+
+    def stop_reason() -> str | None:
+        return f"no better validation accuracy for {args.patience} validations" if stopper.should_stop else None
+
+    criterion = build_criterion(args, labels[train_idx], len(classes)).to(ctx.device)
+    fit(run, classification_step(criterion), validation_step, train_summary=functools.partial(_train_summary,
+        fold=fold), valid_summary=valid_summary, line=_epoch_line, stop_reason=stop_reason, after_save=after_save,
+        keep_epoch_ckpts=args.keep_epoch_ckpts)
+    if stopper.best_metrics is None:
+        raise ScbertError(f"run {args.model_name!r} finished without a validation: lower --valid_every or raise "
+                          "--epoch")
+    _write_reports(args, ctx, stopper.best_metrics, best_path)
+    return stopper.best_metrics
+
+
+def _announce(run: Run, stopper: EarlyStopping) -> None:
+    args, ctx = run.args, run.ctx
+    if stopper.should_stop or run.start_epoch > args.epoch:
+        why = "stopped early" if stopper.should_stop else "all epochs done"
+        print0(f"run {args.model_name!r} is already complete ({why} after epoch {run.start_epoch - 1}): rewriting "
+               "its metrics files; pass another --model_name to train again", ctx=ctx)
     else:
-        print0(f"fine-tuning on {ctx.device} x {ctx.world_size}: {len(train_set)} train / {len(valid_set)} valid "
-               f"cells, {describe_trainable(model)}, epochs {start_epoch}..{args.epoch}", ctx=ctx)
+        print0(f"fine-tuning on {ctx.device} x {ctx.world_size}: {len(run.train_loader.dataset)} train / "
+               f"{len(run.valid_loader.dataset)} valid cells, {describe_trainable(run.model)}, epochs "
+               f"{run.start_epoch}..{args.epoch}", ctx=ctx)
 
-    logger = JsonlLogger(resolve_log_path(args), ctx)
-    train_step = classification_step(criterion)
-    last_good = epoch_checkpoint_path(ckpt_dir, name, start_epoch - 1) if start_epoch > 1 else None
-    epoch = start_epoch
-    while epoch <= args.epoch and not stopped:
-        set_loader_epoch(train_loader, epoch)
-        lr = scheduler.get_last_lr()[0]
-        train = train_one_epoch(model, train_loader, optimizer, train_step, ctx=ctx, epoch=epoch,
-                                grad_acc=args.grad_acc, clip_norm=GRAD_CLIP,
-                                divide_by_grad_acc=args.loss_div_grad_acc, amp=amp, last_good=last_good)
-        record: dict[str, Any] = {"epoch": epoch, "lr": lr, "train_loss": train["loss"],
-                                  "train_acc": train["correct"] / max(train["cells"], 1),
-                                  "train_cells": int(train["cells"]), "cells_per_s": train["cells_per_s"],
-                                  "train_time": train["time"]}
-        if fold is not None:
-            record["fold"] = fold
-        if epoch % args.valid_every == 0 or epoch == args.epoch:
-            valid = evaluate(model, valid_loader, validation_step, ctx=ctx, amp=amp)
-            metrics = classification_metrics(valid["label"].numpy(), valid["pred"].numpy(), classes)
-            improved = stopper.update(metrics["accuracy"], epoch)
-            record.update({"valid_loss": valid["loss_sum"] / max(valid["cells"], 1),
-                           "valid_acc": metrics["accuracy"], "valid_macro_f1": metrics["macro_f1"],
-                           "valid_cells": int(valid["cells"]), "valid_time": valid["time"], "best": improved})
-            if improved:
-                best_metrics = {"epoch": epoch, **metrics}
-            stopped = stopper.should_stop
-        scheduler.step()
-        # The epoch checkpoint first, the best one second: if the run is killed in between, the resumed run finds
-        # this epoch complete and rewrites the best checkpoint from the same weights (see _restore_best).
-        path = epoch_checkpoint_path(ckpt_dir, name, epoch)
-        state = {"early_stopping": stopper.state_dict(), "best_metrics": best_metrics, "stopped": stopped,
-                 "unfreeze_layers": args.unfreeze_layers}
-        save_training_checkpoint(path, model=model, ctx=ctx, genes=genes, epoch=epoch, optimizer=optimizer,
-                                 scheduler=scheduler, amp=amp, classes=classes, args=args, losses=train["loss"],
-                                 finetune_state=state)
-        if best_metrics is not None and best_metrics["epoch"] == epoch:
-            save_best(args, ctx, model=model, genes=genes, classes=classes, labels=labels, metrics=best_metrics)
-        if ctx.is_main and last_good and not args.keep_epoch_ckpts and os.path.exists(last_good):
-            os.remove(last_good)  # the previous epoch of this same run; the new one is complete on disk
-        last_good = path
-        logger.log(record)
-        print0(_epoch_line(record), ctx=ctx)
-        if stopped:
-            print0(f"stopping: no better validation accuracy for {args.patience} validations", ctx=ctx)
-        epoch += 1
 
-    if best_metrics is None:
-        raise ScbertError(f"run {name!r} finished without a validation: lower --valid_every or raise --epoch")
+def _train_summary(train: dict[str, Any], *, fold: int | None) -> dict[str, Any]:
+    record = {"train_loss": train["loss"], "train_acc": train["correct"] / max(train["cells"], 1),
+              "train_cells": int(train["cells"]), "cells_per_s": train["cells_per_s"], "train_time": train["time"]}
+    if fold is not None:
+        record["fold"] = fold
+    return record
+
+
+def _write_reports(args: argparse.Namespace, ctx: DistContext, best: dict[str, Any], best_path: str) -> None:
+    name = args.model_name
     if ctx.is_main:
-        write_json(os.path.join(ckpt_dir, f"{name}_metrics.json"), best_metrics)
-        write_confusion_csv(best_metrics, os.path.join(ckpt_dir, f"{name}_confusion.csv"))
-        plot_confusion(best_metrics, os.path.join(ckpt_dir, f"{name}_confusion.png"),
-                       title=f"{name}: epoch {best_metrics['epoch']}, accuracy {best_metrics['accuracy']:.3f}, "
-                             f"macro-F1 {best_metrics['macro_f1']:.3f}")
-    print0(f"best epoch {best_metrics['epoch']}: validation accuracy {best_metrics['accuracy']:.4f}, macro-F1 "
-           f"{best_metrics['macro_f1']:.4f}; model {os.path.abspath(best_path)}, metrics and confusion matrix "
+        write_json(os.path.join(args.ckpt_dir, f"{name}_metrics.json"), best)
+        write_confusion_csv(best, os.path.join(args.ckpt_dir, f"{name}_confusion.csv"))
+        plot_confusion(best, os.path.join(args.ckpt_dir, f"{name}_confusion.png"),
+                       title=f"{name}: epoch {best['epoch']}, accuracy {best['accuracy']:.3f}, "
+                             f"macro-F1 {best['macro_f1']:.3f}")
+    print0(f"best epoch {best['epoch']}: validation accuracy {best['accuracy']:.4f}, macro-F1 "
+           f"{best['macro_f1']:.4f}; model {os.path.abspath(best_path)}, metrics and confusion matrix "
            f"beside it, log {os.path.abspath(resolve_log_path(args))}", ctx=ctx)
-    return best_metrics
 
 
 def _epoch_line(record: dict[str, Any]) -> str:

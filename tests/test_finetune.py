@@ -16,6 +16,8 @@ import scipy.sparse as sp
 import torch
 
 import finetune
+import optim
+import training
 from label_io import read_label_dict
 from models import ScbertPerformer
 from performer_pytorch import PerformerLM, build_model, checkpoint_payload, load_checkpoint, save_checkpoint
@@ -100,7 +102,7 @@ def test_published_flags_and_defaults():
 
 def test_learning_rate_per_epoch_matches_spec_section_6():
     optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1e-4)
-    scheduler = finetune.build_scheduler(optimizer, 1e-4)
+    scheduler = optim.build_scheduler(optimizer, 1e-4)
     lrs = {}
     for epoch in range(1, 47):
         lrs[epoch] = optimizer.param_groups[0]["lr"]
@@ -318,7 +320,8 @@ def test_bootstrap_sampling_weights_and_smoothing_reach_training(tiny, tmp_path,
     adata = write_dataset(data, per_type=(80, 40, 20, 20))
     seen = {"train": [], "valid": []}
     criteria = []
-    original_train, original_eval, original_criterion = (finetune.train_one_epoch, finetune.evaluate,
+    # The run loop (training.fit) calls these; the criterion is finetune's own.
+    original_train, original_eval, original_criterion = (training.train_one_epoch, training.evaluate,
                                                          finetune.build_criterion)
 
     def spy_train(model, loader, *args, **kwargs):
@@ -333,8 +336,8 @@ def test_bootstrap_sampling_weights_and_smoothing_reach_training(tiny, tmp_path,
         criteria.append(original_criterion(*args, **kwargs))
         return criteria[-1]
 
-    monkeypatch.setattr(finetune, "train_one_epoch", spy_train)
-    monkeypatch.setattr(finetune, "evaluate", spy_eval)
+    monkeypatch.setattr(training, "train_one_epoch", spy_train)
+    monkeypatch.setattr(training, "evaluate", spy_eval)
     monkeypatch.setattr(finetune, "build_criterion", spy_criterion)
     finetune.main(args_for(data, tmp_path / "ckpts", "--epoch", 2, "--sampling", "bootstrap", "--class_weight",
                            "inverse", "--label_smoothing", "0.1", model_path=tiny["ckpt"]))
@@ -359,18 +362,18 @@ def test_resume_after_an_interruption_continues_where_it_stopped(tiny, tmp_path,
     finetune.main(args_for(tiny["data"], tmp_path / "whole", *argv, model_path=tiny["ckpt"]))
 
     interrupted = tmp_path / "interrupted"
-    original = finetune.train_one_epoch
+    original = training.train_one_epoch  # what the run loop calls
 
     def crash_in_epoch_3(*args, **kwargs):
         if kwargs["epoch"] == 3:
             raise KeyboardInterrupt  # as if the job were killed during epoch 3
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(finetune, "train_one_epoch", crash_in_epoch_3)
+    monkeypatch.setattr(training, "train_one_epoch", crash_in_epoch_3)
     with pytest.raises(KeyboardInterrupt):
         finetune.main(args_for(tiny["data"], interrupted, *argv, model_path=tiny["ckpt"]))
     assert (interrupted / "finetune_2.pth").exists() and not (interrupted / "finetune_3.pth").exists()
-    monkeypatch.setattr(finetune, "train_one_epoch", original)
+    monkeypatch.setattr(training, "train_one_epoch", original)
     finetune.main(args_for(tiny["data"], interrupted, *argv, model_path=tiny["ckpt"]))  # the same command again
 
     assert [r["epoch"] for r in read_log(interrupted / "finetune_log.jsonl")] == [1, 2, 3, 4]
