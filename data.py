@@ -62,6 +62,14 @@ def load_training_data(
     """
     if not args.data_path:
         raise ScbertError("no input given: pass --data_path <preprocessed .h5ad from preprocess.py>")
+    if getattr(args, "model_type", "performer") == "transformer":
+        # The transformer reads bins (preprocess.py --recipe scgpt); its gene count comes from the data.
+        from scgpt_preprocess import read_binned
+
+        fix = f"run preprocess.py --recipe scgpt --ref {genes_source} on the raw counts" if genes_source else None
+        adata = read_binned(args.data_path, genes=genes, fix_genes=fix)
+        args.gene_num, args.genes = adata.n_vars, [str(g) for g in adata.var_names]
+        return adata
     fix = (f"preprocess the data with the gene list of {genes_source} (preprocess.py --ref {genes_source})"
            if genes_source else None)
     adata = read_preprocessed(args.data_path, genes=genes, fix_genes=fix)
@@ -171,7 +179,9 @@ def build_loader(
                                          seed=seed, drop_last=False)
         else:
             sampler = ShardSampler(len(dataset), ctx.rank, ctx.world_size)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+    # A vocabulary with variable-length cells (the transformer's) pads each batch itself.
+    collate = getattr(getattr(dataset, "vocab", None), "collate", None)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate,
                       pin_memory=ctx.device.type == "cuda", persistent_workers=num_workers > 0)
 
 

@@ -294,3 +294,9 @@ class ScbertPerformer(PerformerLM):
         config = dict(**vocab.config(), dim=args.dim, depth=args.depth, heads=args.heads, dim_head=args.dim_head,
                       g2v_position_emb=bool(args.pos_embed))
         return config, {"gene2vec": args.gene2vec_path if args.pos_embed else None}
+
+
+# The scGPT-style transformer (transformer_model.py), registered here so `MODEL_TYPES` knows every family.
+from transformer_model import TransformerModel  # noqa: E402
+
+register_model("transformer")(TransformerModel)

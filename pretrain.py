@@ -15,6 +15,10 @@ Writes, in `--ckpt_dir`: `<model_name>_<epoch>.pth` after every epoch (the refer
 optimiser, scheduler and random states; rerunning the same command resumes from the last one) and
 `<model_name>_log.jsonl`, one JSON line per epoch with train/valid loss, masked-bin accuracy, the accuracy of
 predicting each cell's most common non-zero bin (the baseline to beat), learning rate and throughput.
+
+`--model_type transformer` pretrains the scGPT-style transformer instead (transformer_pretrain.py): data from
+`preprocess.py --recipe scgpt`, the recipe's sizes and schedule unless the flags are given, `<model_name>_best.pth`
+by validation expression MSE.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -46,6 +51,7 @@ from training import (
     split_indices,
     start_run,
 )
+from transformer_pretrain import add_transformer_flags, apply_recipe_defaults, pretrain_transformer
 from utils import ScbertError, run_cli
 
 VALID_SIZE = 0.05  # SPEC section 3: 5% of cells, train_test_split(test_size=0.05, random_state=seed)
@@ -66,6 +72,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     group.add_argument("--model_path", type=str, default=None,
                        help="start from this checkpoint's weights and architecture (continued pretraining); the "
                             "model-size flags are then taken from the checkpoint")
+    add_transformer_flags(parser)
     parser.set_defaults(model_name="panglao_pretrain")
     return parser
 
@@ -112,6 +119,8 @@ def run_pretraining(args: argparse.Namespace) -> list[dict[str, Any]]:
     check_positive(args, "epoch", "batch_size", "grad_acc", "valid_every")
     ctx = setup_distributed(args)
     try:
+        if args.model_type == "transformer":
+            return pretrain_transformer(args, ctx)
         return _pretrain(args, ctx)
     finally:
         cleanup_distributed(ctx)
@@ -180,7 +189,10 @@ def _epoch_line(record: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = get_args_parser().parse_args(argv)
+    if args.model_type == "transformer":
+        apply_recipe_defaults(args, argv)  # the recipe's sizes and schedule unless given; the Performer keeps its own
     return run_pretraining(args)
 
 

@@ -244,3 +244,29 @@ if __name__ == "__main__":
     from utils import run_cli
 
     run_cli(main)
+
+
+def read_binned(path: str, *, genes: Sequence[str] | None = None, fix_genes: str | None = None) -> ad.AnnData:
+    """Read a `preprocess.py --recipe scgpt` output (X = bins) and check it; genes: the model's, in order.
+
+    Raises ScbertError for a missing file, a file without uns['scgpt_preprocess'] (not binned by this recipe), or
+    other genes than `genes`."""
+    import os
+
+    from utils import check_gene_order
+
+    if not os.path.isfile(path):
+        raise ScbertError(f"data file {path!r} does not exist: check --data_path")
+    try:
+        adata = ad.read_h5ad(path)
+    except Exception as err:  # h5py and anndata raise many types for foreign files
+        raise ScbertError(f"could not read {path!r} as an .h5ad file ({type(err).__name__}): pass the output of "
+                          "preprocess.py --recipe scgpt") from err
+    if SCGPT_UNS_KEY not in adata.uns:
+        raise ScbertError(f"{path!r} is not binned for the transformer (no uns[{SCGPT_UNS_KEY!r}]): run preprocess.py "
+                          "--recipe scgpt on the raw counts first")
+    adata.X = sp.csr_matrix(adata.X, dtype=np.float32)
+    if genes is not None:
+        check_gene_order(adata.var_names, genes, data_name=repr(path),
+                         fix=fix_genes or "run preprocess.py --recipe scgpt --ref <checkpoint> on the raw counts")
+    return adata

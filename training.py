@@ -195,20 +195,21 @@ def build_model_from_args(
         ckpt = load_checkpoint(checkpoint_path)
         vocab = model_family(ckpt.model_type).vocab_for(ckpt.config)
         check_checkpoint_genes(ckpt.genes, genes, checkpoint_path, n_positions=vocab.gene_num)
-        if vocab.bin_num != args.bin_num:
+        if getattr(vocab, "bin_num", args.bin_num) != args.bin_num:
             raise ScbertError(
                 f"{checkpoint_path!r} was trained with {vocab.bin_num} bins but --bin_num is {args.bin_num}: "
                 f"pass --bin_num {vocab.bin_num}"
             )
         return load_model(ckpt, head=head)
-    if args.pos_embed and not args.gene2vec_path:
+    model_type = getattr(args, "model_type", DEFAULT_MODEL_TYPE)
+    if model_type == DEFAULT_MODEL_TYPE and args.pos_embed and not args.gene2vec_path:
         raise ScbertError(
             "--pos_embed True needs gene2vec rows: pass --gene2vec_path <.npy from gene2vec.py> (one row per gene of "
             "the data, width --dim), or --pos_embed False to train without them"
         )
-    if args.gene2vec_path and args.pos_embed and not os.path.isfile(args.gene2vec_path):
+    if model_type == DEFAULT_MODEL_TYPE and args.gene2vec_path and args.pos_embed and not os.path.isfile(
+            args.gene2vec_path):
         raise ScbertError(f"gene2vec file {args.gene2vec_path!r} does not exist: check --gene2vec_path")
-    model_type = getattr(args, "model_type", DEFAULT_MODEL_TYPE)
     config, options = model_family(model_type).config_from_args(args)
     return build_model(model_type, config, **options, lm_head=head == "lm")
 
@@ -463,12 +464,14 @@ def start_run(
     classes: Sequence[str] | None = None,
     state: Mapping[str, Any] | None = None,
     sampler: Sampler | None = None,
+    make_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
 ) -> Run:
     """Set a run up the same way for every script, and restore it from `resume_path` when given.
 
     `make_model()` runs under the base seed, so every rank and any number of ranks start from the same weights; then
     seed + rank (masking, dropout; SPEC section 7). Adam over the parameters that require grad, the published
-    schedule, `--amp`. Training loader: `sampler`, else a shuffling DistributedSampler; validation: every cell once.
+    schedule (or `make_scheduler(optimizer)`, stepped once per epoch), `--amp`. Training loader: `sampler`, else a
+    shuffling DistributedSampler; validation: every cell once.
     """
     amp = Amp(args.amp, ctx.device)
     torch.manual_seed(args.seed)
@@ -476,8 +479,9 @@ def start_run(
     seed_everything(args.seed, ctx.rank)
     model = wrap_model(model, ctx)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate)
-    run = Run(args=args, ctx=ctx, model=model, optimizer=optimizer, scheduler=build_scheduler(optimizer,
-              args.learning_rate), amp=amp, genes=list(genes), classes=list(classes) if classes is not None else None,
+    scheduler = make_scheduler(optimizer) if make_scheduler else build_scheduler(optimizer, args.learning_rate)
+    run = Run(args=args, ctx=ctx, model=model, optimizer=optimizer, scheduler=scheduler, amp=amp, genes=list(genes),
+              classes=list(classes) if classes is not None else None,
               state=dict(state or {}), clip_norm=clip_norm, divide_by_grad_acc=divide_by_grad_acc,
               train_loader=build_loader(train_set, batch_size=args.batch_size, ctx=ctx, train=True, seed=args.seed,
                                         num_workers=args.num_workers, sampler=sampler),

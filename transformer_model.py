@@ -121,11 +121,13 @@ class GeneVocab:
     def __eq__(self, other: object) -> bool:
         return isinstance(other, GeneVocab) and other.tokens == self.tokens
 
-    def make_cell(
+    max_seq_len: int | None = None  # a cap on tokens per cell (pretraining: 1,201); None: every non-zero gene
+
+    def cell_tokens(
         self, row: sp.spmatrix | np.ndarray, max_seq_len: int | None = None, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One cell's bins, (genes,) or a 1-row CSR -> (gene ids, values), each (1 + non-zero genes,), capped."""
-        row = sp.csr_matrix(row)
+        row = sp.csr_matrix(np.asarray(row).reshape(1, -1) if not sp.issparse(row) else row)
         if row.shape != (1, self.gene_num):
             raise ScbertError(f"a cell has {row.shape[1]} genes but the vocabulary {self.gene_num}: align the genes")
         row.sort_indices()
@@ -140,23 +142,39 @@ class GeneVocab:
         values = torch.cat([torch.tensor([CLS_VALUE]), values])
         return genes, values
 
-    def collate(self, cells: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """Cells from `make_cell` -> {"genes": (cells, L) int64, "values": (cells, L) float32}, L = the longest cell;
-        shorter cells padded with the pad id and PAD_VALUE."""
-        length = max(g.numel() for g, _ in cells)
-        genes = torch.full((len(cells), length), self.pad_id, dtype=torch.long)
-        values = torch.full((len(cells), length), PAD_VALUE, dtype=torch.float32)
-        for i, (g, v) in enumerate(cells):
+    def make_cell(self, values: np.ndarray | sp.spmatrix) -> dict[str, torch.Tensor]:
+        """The batch entries of one cell (variable length; `collate` pads them), capped at `self.max_seq_len`."""
+        genes, vals = self.cell_tokens(values, self.max_seq_len)
+        return {"genes": genes, "values": vals}
+
+    def collate(self, items: Sequence[dict[str, Any] | tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Cells (`make_cell` dicts, maybe with "index"/"label", or (genes, values) pairs) -> a batch:
+        {"genes": (cells, L) int64, "values": (cells, L) float32, ...}, L = the longest cell; shorter cells padded
+        with the pad id and PAD_VALUE; other entries stacked."""
+        pairs = [(it["genes"], it["values"]) if isinstance(it, dict) else it for it in items]
+        length = max(g.numel() for g, _ in pairs)
+        genes = torch.full((len(pairs), length), self.pad_id, dtype=torch.long)
+        values = torch.full((len(pairs), length), PAD_VALUE, dtype=torch.float32)
+        for i, (g, v) in enumerate(pairs):
             genes[i, : g.numel()] = g
             values[i, : v.numel()] = v
-        return {"genes": genes, "values": values}
+        batch = {"genes": genes, "values": values}
+        if items and isinstance(items[0], dict):
+            for key in items[0]:
+                if key not in batch:
+                    batch[key] = torch.as_tensor([it[key] for it in items])
+        return batch
 
     def tokenize_cells(
         self, bins: sp.spmatrix, max_seq_len: int | None = None, generator: torch.Generator | None = None
     ) -> dict[str, torch.Tensor]:
         """A binned (cells, genes) CSR matrix (the vocabulary's genes in order) -> one padded batch (`collate`)."""
         bins = sp.csr_matrix(bins)
-        return self.collate([self.make_cell(bins[i], max_seq_len, generator) for i in range(bins.shape[0])])
+        return self.collate([self.cell_tokens(bins[i], max_seq_len, generator) for i in range(bins.shape[0])])
+
+    def make_batch(self, values: np.ndarray | sp.spmatrix) -> dict[str, torch.Tensor]:
+        """(cells, genes) bins -> a padded batch, without a length cap (prediction sees every non-zero gene)."""
+        return self.tokenize_cells(sp.csr_matrix(values))
 
 
 def mask_values(
@@ -289,6 +307,9 @@ class ClsDecoder(nn.Module):
         self.out = nn.Linear(dim, n_classes)
 
     def forward(self, cell_emb: torch.Tensor, return_hidden: bool = False):
+        """(cells, dim) cell embeddings, or (cells, L, dim) encodings whose <cls> token is read -> logits."""
+        if cell_emb.dim() == 3:
+            cell_emb = cell_emb[:, 0]
         hidden = self.hidden(cell_emb)
         logits = self.out(hidden)
         return (logits, hidden) if return_hidden else logits
@@ -298,7 +319,7 @@ class TransformerModel(nn.Module):
     """The scGPT-style encoder with its pretraining decoders and an optional cell-type head.
 
     Keyword-only arguments (all in `config`, so `TransformerModel(**model.config)` rebuilds the trunk):
-      n_tokens    vocabulary size (genes + 2); pad_id: the pad token's id (the Embedding's padding index)
+      vocab       the vocabulary: a GeneVocab or its plain list (genes, then <pad>, <cls>); it travels in `config`
       dim         model width d (512);       depth: encoder layers (12);   heads: attention heads (8)
       ff_dim      feed-forward width (512);  dropout: everywhere (0.2)
     Batch: {"genes": (cells, L) int64, "values": (cells, L) float32}, `<cls>` at position 0, pads = pad_id.
@@ -307,12 +328,17 @@ class TransformerModel(nn.Module):
     model_type = MODEL_TYPE
 
     def __init__(
-        self, *, n_tokens: int, pad_id: int, dim: int = 512, depth: int = 12, heads: int = 8, ff_dim: int = 512,
-        dropout: float = 0.2,
+        self, *, vocab: GeneVocab | Sequence[str], dim: int = 512, depth: int = 12, heads: int = 8, ff_dim: int = 512,
+        dropout: float = 0.2, lm_head: bool = True,
     ):
         super().__init__()
-        self.config = dict(n_tokens=int(n_tokens), pad_id=int(pad_id), dim=int(dim), depth=int(depth),
-                           heads=int(heads), ff_dim=int(ff_dim), dropout=float(dropout))
+        del lm_head  # the shared builder passes it; the pretraining decoders are always built (and small)
+        vocab = vocab if isinstance(vocab, GeneVocab) else GeneVocab.from_list(vocab)
+        self.vocab = vocab
+        n_tokens, pad_id = len(vocab), vocab.pad_id
+        self.config = dict(vocab=vocab.to_list(), dim=int(dim), depth=int(depth), heads=int(heads),
+                           ff_dim=int(ff_dim), dropout=float(dropout))
+        self.pad_id = pad_id
         self.gene_emb = nn.Embedding(n_tokens, dim, padding_idx=pad_id)
         self.gene_norm = nn.LayerNorm(dim)
         self.value_enc = ValueEncoder(dim, dropout)
@@ -332,7 +358,7 @@ class TransformerModel(nn.Module):
         genes, values = batch["genes"], batch["values"]
         gene_emb = self._gene_embedding(genes)
         x = gene_emb + self.value_enc(values.to(gene_emb.dtype))
-        keep = (genes != self.config["pad_id"])[:, None, None, :]  # (cells, 1, 1, L): attend to non-pad keys
+        keep = (genes != self.pad_id)[:, None, None, :]  # (cells, 1, 1, L): attend to non-pad keys
         for layer in self.layers:
             x = layer(x, keep)
         return x, gene_emb
@@ -357,10 +383,41 @@ class TransformerModel(nn.Module):
     def named_blocks(self) -> list[tuple[str, nn.Module]]:
         return [(f"layer{i}", layer) for i, layer in enumerate(self.layers)]
 
+    def trainable_groups(self, spec: str | Sequence[int] | list[int]) -> list[nn.Module]:
+        """The trunk modules that train under an --unfreeze_layers spec: "all" -> embeddings, value encoder and every
+        layer (scGPT fine-tunes everything); block indices -> those layers. The head is added by the caller."""
+        from models import parse_block_spec
+
+        parsed = parse_block_spec(spec, len(self.layers)) if not isinstance(spec, list) else spec
+        if parsed == "all":
+            return [self.gene_emb, self.gene_norm, self.value_enc, self.layers]
+        return [self.layers[i] for i in parsed]
+
+    def make_batch(self, values: np.ndarray | sp.spmatrix) -> dict[str, torch.Tensor]:
+        return self.vocab.make_batch(values)
+
+    @staticmethod
+    def vocab_for(config: dict[str, Any]) -> GeneVocab:
+        return GeneVocab.from_list(config["vocab"])
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Any, *, head: str = "checkpoint", **overrides: Any) -> TransformerModel:
+        """The model of a `performer_pytorch.checkpoint.Checkpoint` (any object with payload) loaded strictly."""
+        return load_transformer(ckpt.payload, head="none" if head in ("none", "lm") else head, **overrides)[0]
+
+    @classmethod
+    def config_from_args(cls, args: Any, genes: Sequence[str] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(config, options) from the shared flags (--dim --depth --heads; --ff_dim, --dropout if present) and the
+        data's genes (`args.genes`, set by the data loader)."""
+        genes = genes if genes is not None else args.genes
+        config = dict(vocab=GeneVocab(genes).to_list(), dim=args.dim, depth=args.depth, heads=args.heads,
+                      ff_dim=getattr(args, "ff_dim", None) or args.dim, dropout=getattr(args, "dropout", 0.2))
+        return config, {}
+
     def attach_head(self, n_classes: int, *, n_layers: int = 3) -> TransformerModel:
         """A fresh cell-type head (`ClsDecoder`) for `n_classes` on the `<cls>` embedding; returns the model."""
         self.head = ClsDecoder(self.config["dim"], int(n_classes), int(n_layers))
-        self.head_config = {"type": "cls_decoder", "n_classes": int(n_classes), "n_layers": int(n_layers)}
+        self.head_config = {"type": "classifier", "n_classes": int(n_classes), "n_layers": int(n_layers)}
         return self
 
     def classify(self, batch: dict[str, torch.Tensor], return_hidden: bool = False):
@@ -429,14 +486,14 @@ def constant_mse(totals: dict[str, float]) -> float:
 
 
 def transformer_payload(model: TransformerModel, vocab: GeneVocab, **extra: Any) -> dict[str, Any]:
-    """What a transformer checkpoint holds: weights, `model_type`, `config`, `head`, `vocab` (plain list), `genes`."""
+    """What a transformer checkpoint holds: weights, `model_type`, `config` (with the vocabulary as a plain list),
+    `head`, `genes`."""
     core = getattr(model, "module", model)
     return {
         "model_state_dict": {k: v.detach().cpu() for k, v in core.state_dict().items()},
         "model_type": MODEL_TYPE,
         "config": dict(core.config),
         "head": core.head_config,
-        "vocab": vocab.to_list(),
         "genes": vocab.genes,
         **extra,
     }
@@ -472,9 +529,9 @@ def load_transformer(
     if not isinstance(payload, dict) or payload.get("model_type") != MODEL_TYPE:
         raise ScbertError("the checkpoint does not hold a transformer model: pass one written with --model_type "
                           "transformer")
-    vocab = GeneVocab.from_list(payload["vocab"])
     config = {**payload["config"], **overrides}
     model = TransformerModel(**config)
+    vocab = model.vocab
     state = dict(payload["model_state_dict"])
     head_config = payload.get("head") if head == "checkpoint" else None
     if head_config:

@@ -86,7 +86,7 @@ def step_flops(batch: int, length: int, dim: int, depth: int, ff_dim: int) -> di
 
 def build(args_like: dict, genes: int, device: torch.device, dropout: float = 0.2):
     vocab = GeneVocab([f"g{i}" for i in range(genes)])
-    model = TransformerModel(n_tokens=len(vocab), pad_id=vocab.pad_id, dropout=dropout, **args_like).to(device)
+    model = TransformerModel(vocab=vocab, dropout=dropout, **args_like).to(device)
     return vocab, model
 
 

@@ -107,8 +107,7 @@ def test_preprocess_cli_recipe_scgpt_and_ref(pbmc, tmp_path):
     # --ref: a transformer checkpoint's genes, in its order.
     vocab = GeneVocab(list(binned.var_names[::-1]))
     ckpt = tmp_path / "t.pth"
-    save_transformer(str(ckpt), TransformerModel(n_tokens=len(vocab), pad_id=vocab.pad_id, dim=8, depth=1, heads=2,
-                                                 ff_dim=8), vocab)
+    save_transformer(str(ckpt), TransformerModel(vocab=vocab, dim=8, depth=1, heads=2, ff_dim=8), vocab)
     mapped = tmp_path / "mapped.h5ad"
     preprocess.main(["--data_path", str(raw), "--recipe", "scgpt", "--ref", str(ckpt), "--out_path", str(mapped)])
     assert list(ad.read_h5ad(mapped).var_names) == vocab.genes

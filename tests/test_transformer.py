@@ -26,7 +26,7 @@ TINY = dict(dim=32, depth=2, heads=4, ff_dim=32)
 
 def tiny_model(vocab: GeneVocab, dropout: float = 0.0, seed: int = 0) -> TransformerModel:
     torch.manual_seed(seed)
-    return TransformerModel(n_tokens=len(vocab), pad_id=vocab.pad_id, dropout=dropout, **TINY)
+    return TransformerModel(vocab=vocab, dropout=dropout, **TINY)
 
 
 def random_bins(cells: int, genes: int, density: float, seed: int = 0) -> sp.csr_matrix:
