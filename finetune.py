@@ -47,6 +47,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
 from classification import (
@@ -62,7 +63,7 @@ from classification import (
 )
 from label_io import write_label_files
 from metrics import classification_metrics
-from models import load_model
+from models import checkpoint_model_type, load_model
 from performer_pytorch import load_checkpoint
 from performer_pytorch.checkpoint import read_checkpoint_file
 from training import (
@@ -86,6 +87,8 @@ from training import (
     split_indices,
     start_run,
 )
+from transformer_model import GeneVocab
+from transformer_pretrain import FINETUNE_DEFAULTS, STEP_GAMMA, apply_recipe_defaults, given_flags
 from utils import ScbertError, atomic_write_bytes, run_cli, str2bool
 
 VALID_SIZE = 0.2  # SPEC section 4: one stratified 80/20 split
@@ -369,12 +372,16 @@ def finetune_split(
              "settings": RunSettings(repr(resume_path), unfreeze_layers=args.unfreeze_layers)}
     sampler = (BootstrapSampler(len(train_idx), rank=ctx.rank, world_size=ctx.world_size, seed=args.seed)
                if args.sampling == "bootstrap" else None)
+    transformer = getattr(args, "model_type", "performer") == "transformer"
+    vocab = GeneVocab(genes) if transformer else None  # the Performer's datasets default to its bins
+    step_lr = (lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=STEP_GAMMA)) if transformer else None
     run = start_run(args, ctx, make_model=lambda: build_finetune_model(args, genes, classes, resume_path=resume_path),
                     genes=genes, train_set=CellDataset(adata.X, bin_num=args.bin_num, indices=train_idx,
-                                                       labels=labels),
-                    valid_set=CellDataset(adata.X, bin_num=args.bin_num, indices=valid_idx, labels=labels),
+                                                       labels=labels, vocab=vocab),
+                    valid_set=CellDataset(adata.X, bin_num=args.bin_num, indices=valid_idx, labels=labels,
+                                          vocab=vocab),
                     resume_path=resume_path, clip_norm=GRAD_CLIP, divide_by_grad_acc=args.loss_div_grad_acc,
-                    classes=classes, state=state, sampler=sampler)
+                    classes=classes, state=state, sampler=sampler, make_scheduler=step_lr)
     keep = dict(ctx=ctx, genes=genes, classes=classes, labels=labels)
     best = stopper.best_metrics
     if best is not None and best["epoch"] == run.start_epoch - 1 and not _best_is_at(best_path, best["epoch"]):
@@ -450,7 +457,13 @@ def _epoch_line(record: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = get_args_parser().parse_args(argv)
+    given = given_flags(argv)
+    if args.model_path:  # the checkpoint decides the family; an explicit --model_type must agree
+        args.model_type = checkpoint_model_type(args.model_path, args.model_type if "model_type" in given else None)
+    if args.model_type == "transformer":
+        apply_recipe_defaults(args, argv, FINETUNE_DEFAULTS)
     return run_finetuning(args)
 
 

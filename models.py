@@ -53,6 +53,7 @@ __all__ = [
     "ScbertPerformer",
     "Vocab",
     "build_model",
+    "checkpoint_model_type",
     "load_model",
     "model_family",
     "parse_block_spec",
@@ -294,6 +295,15 @@ class ScbertPerformer(PerformerLM):
         config = dict(**vocab.config(), dim=args.dim, depth=args.depth, heads=args.heads, dim_head=args.dim_head,
                       g2v_position_emb=bool(args.pos_embed))
         return config, {"gene2vec": args.gene2vec_path if args.pos_embed else None}
+
+
+def checkpoint_model_type(path: str, requested: str | None = None) -> str:
+    """The family a checkpoint holds; a `--model_type` the user gave (`requested`) must agree with it."""
+    found = load_checkpoint(path).model_type
+    if requested is not None and requested != found:
+        raise ScbertError(f"--model_type {requested} does not match {path!r}, which holds a {found!r} model: drop "
+                          f"--model_type (the checkpoint decides) or pass --model_type {found}")
+    return found
 
 
 # The scGPT-style transformer (transformer_model.py), registered here so `MODEL_TYPES` knows every family.

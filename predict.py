@@ -403,15 +403,24 @@ def main(argv: Sequence[str] | None = None) -> PredictResult:
     if args.novel_type and UNASSIGNED in classes:
         raise ScbertError(f"the model has a class called {UNASSIGNED!r}, which --novel_type True would confuse with "
                           "novel cells: rename that class when fine-tuning, or pass --novel_type False")
-    bin_num = check_model_flags(args, ckpt.config)
+    transformer = ckpt.model_type == "transformer"
+    if transformer and args.attention != "none":
+        raise ScbertError("--attention reads the Performer's FAVOR+ factors; the transformer has none: drop the flag")
+    bin_num = 0 if transformer else check_model_flags(args, ckpt.config)
     depth = int(ckpt.config["depth"])
     if args.attention != "none" and not -depth <= args.attention_layer < depth:
         raise ScbertError(f"--attention_layer {args.attention_layer} does not exist in a model of depth {depth}: pass "
                           f"a layer from {-depth} to {depth - 1} (-1 is the last, as in the paper)")
 
     fix = f"run preprocess.py --ref {args.model_path} on the raw data so it uses the model's genes in order"
-    adata = read_preprocessed(args.data_path, genes=ckpt.genes, fix_genes=fix)
-    gene_num = ckpt.config["max_seq_len"] - 1
+    if transformer:  # bins from preprocess.py --recipe scgpt, over the checkpoint's vocabulary
+        from scgpt_preprocess import SCGPT_UNS_KEY, read_binned
+
+        adata = read_binned(args.data_path, genes=ckpt.genes, fix_genes=fix.replace("--ref", "--recipe scgpt --ref"))
+        bin_num = int(adata.uns[SCGPT_UNS_KEY]["params"]["n_bins"])
+    else:
+        adata = read_preprocessed(args.data_path, genes=ckpt.genes, fix_genes=fix)
+    gene_num = len(ckpt.genes) if transformer else ckpt.config["max_seq_len"] - 1
     if ckpt.genes is None:
         if adata.n_vars != gene_num:
             raise ScbertError(
@@ -461,14 +470,16 @@ def main(argv: Sequence[str] | None = None) -> PredictResult:
         "unassign_thres": float(args.unassign_thres),
         "bin_num": int(bin_num),
         "gene_num": int(gene_num),
-        "pos_embed": bool(ckpt.config.get("g2v_position_emb", True)),
+        "pos_embed": bool(ckpt.config.get("g2v_position_emb", not transformer)),
+        "model_type": ckpt.model_type,
         "seed": int(args.seed),
         "batch_size": int(args.batch_size),
         "amp": args.amp,
         "device": str(device),
         "label_dict": os.path.abspath(args.label_dict) if args.label_dict else None,
         "label_key": args.label_key,
-        "embeddings": "mean of final-norm encodings over expressed genes" if args.embeddings else None,
+        "embeddings": (("the <cls> encoding" if transformer else "mean of final-norm encodings over expressed genes")
+                       if args.embeddings else None),
         "attention": args.attention,
         "attention_layer": int(args.attention_layer) if args.attention != "none" else None,
     })

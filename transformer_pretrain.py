@@ -39,10 +39,19 @@ def add_transformer_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dropout", type=float, default=0.2, help="dropout everywhere (recipe 0.2)")
 
 
-def apply_recipe_defaults(args: argparse.Namespace, argv: Sequence[str]) -> None:
+# Annotation fine-tuning (scGPT's tutorial): everything trains, batch 32, 10 epochs, lr 1e-4, StepLR 0.9 per epoch.
+FINETUNE_DEFAULTS = dict(batch_size=32, epoch=10, learning_rate=1e-4, grad_acc=1, unfreeze_layers="all")
+
+
+def given_flags(argv: Sequence[str]) -> set[str]:
+    """Names of the flags present in argv (`--name value` or `--name=value`)."""
+    return {a.split("=", 1)[0].lstrip("-") for a in argv if a.startswith("--")}
+
+
+def apply_recipe_defaults(args: argparse.Namespace, argv: Sequence[str], defaults: dict | None = None) -> None:
     """Set the recipe's value of each shared flag the user did not pass (the Performer keeps its published ones)."""
-    given = {a.split("=", 1)[0].lstrip("-") for a in argv if a.startswith("--")}
-    for name, value in RECIPE_DEFAULTS.items():
+    given = given_flags(argv)
+    for name, value in (RECIPE_DEFAULTS if defaults is None else defaults).items():
         if name not in given:
             setattr(args, name, value)
 
