@@ -6,9 +6,11 @@ Scripts stay thin: they parse arguments and call functions from here, from `trai
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -22,6 +24,7 @@ __all__ = [
     "atomic_write",
     "atomic_write_bytes",
     "atomic_write_h5ad",
+    "write_json",
     "check_expression",
     "read_preprocessed",
     "run_cli",
@@ -79,6 +82,11 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
             os.fsync(fh.fileno())
 
     atomic_write(path, write)
+
+
+def write_json(path: str, value: Any) -> None:
+    """`value` as indented JSON, written atomically."""
+    atomic_write_bytes(path, (json.dumps(value, indent=2) + "\n").encode("utf-8"))
 
 
 def atomic_write_h5ad(adata, path: str) -> None:
