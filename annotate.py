@@ -47,6 +47,7 @@ from performer_pytorch.interpret import AttentionRecorder, GroupMeans
 from utils import ScbertError, atomic_write_bytes, check_expression, check_gene_order
 
 __all__ = [
+    "EMBEDDING_HELP",
     "UNASSIGNED",
     "UNS_KEY",
     "Annotator",
@@ -54,6 +55,8 @@ __all__ = [
     "Predictions",
     "annotate",
     "assign_labels",
+    "check_model_flags",
+    "check_query",
     "label_categories",
     "load_annotator",
     "predict_cells",
@@ -62,6 +65,14 @@ __all__ = [
 ]
 
 UNS_KEY = "scbert_predict"
+
+EMBEDDING_HELP = (
+    "also write cell embeddings to obsm['X_scbert']: the mean of the final-norm gene encodings (dim values) over the "
+    "genes the cell expresses (non-zero tokens; all genes for a cell expressing none). Why this pooling: it is the "
+    "transformer's own representation of the cell, not squeezed through a head trained only to separate the training "
+    "classes, so novel types keep their own place; and most of a cell's ~17k tokens are zeros whose encodings are "
+    "nearly the same in every cell, which would drown a plain mean"
+)
 
 
 @dataclass
@@ -278,6 +289,22 @@ def score_annotations(adata, label_key: str, classes: Sequence[str], *, novel_ty
         k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)
     }
     return metrics, confusion
+
+
+def check_model_flags(annotator: Annotator, *, gene_num: int | None = None, bin_num: int | None = None,
+                      pos_embed: bool | None = None) -> None:
+    """Published size flags (--gene_num, --bin_num, --pos_embed) given explicitly must match the checkpoint."""
+    vocab = annotator.model.vocab
+    if gene_num is not None and gene_num != vocab.gene_num:
+        raise ScbertError(f"--gene_num {gene_num} does not match the checkpoint's {vocab.gene_num} genes: drop the "
+                          "flag")
+    own_bins = getattr(vocab, "bin_num", None)
+    if bin_num is not None and own_bins is not None and bin_num != own_bins:
+        raise ScbertError(f"--bin_num {bin_num} does not match the checkpoint, trained with {own_bins} bins: drop the "
+                          "flag")
+    pos = bool(annotator.ckpt.config.get("g2v_position_emb", True))
+    if pos_embed is not None and pos_embed != pos:
+        raise ScbertError(f"--pos_embed {pos_embed} does not match the checkpoint (trained with {pos}): drop it")
 
 
 def check_query(adata, annotator: Annotator, *, data_name: str = "the AnnData") -> None:

@@ -9,14 +9,8 @@ labelled with the argmax class; with `--novel_type True` a cell whose top probab
 cells and rank 0 writes the files.
 
 Files written (never over the input; an existing output only with `--overwrite True`):
-- `<out>.h5ad` (default `<data stem>_scbert.h5ad` beside the input): the input, plus
-    obs['scbert_celltype']        categorical: every class of the model (in class order, so colours stay stable
-                                  across queries), then `Unassigned` when --novel_type True (whether used or not)
-    obs['scbert_confidence']      float32, the top class probability
-    obsm['scbert_probabilities']  float32 (cells, classes): softmax of the class logits
-    obsm['X_scbert']              with --embeddings True: float32 (cells, dim) cell embeddings (see EMBEDDING_HELP)
-    uns['scbert_predict']         {'params': {...the run's settings}, 'classes': [...class names, obsm column order],
-                                   'metrics': {...} with --label_key}
+- `<out>.h5ad` (default `<data stem>_scbert.h5ad` beside the input): the input plus the fields annotate.py lists
+  (obs['scbert_celltype'], obs['scbert_confidence'], obsm['scbert_probabilities'], obsm['X_scbert'], uns).
 - `<out>.csv`: cell_id, scbert_celltype, scbert_confidence, then prob_<class> for every class.
 - with --label_key: `<out stem>_metrics.json` (accuracy, macro-F1, novel-type recall, per-class report) and
   `<out stem>_confusion.csv` (true labels x predicted labels, Unassigned included).
@@ -39,10 +33,12 @@ import pandas as pd
 import torch
 
 from annotate import (
+    EMBEDDING_HELP,
     Annotator,
     AttentionSink,
     Predictions,
     annotation_params,
+    check_model_flags,
     check_query,
     load_annotator,
     predict_cells,
@@ -52,14 +48,6 @@ from annotate import (
 from distributed import DistContext, cleanup_distributed, print0, setup_distributed
 from metrics import format_metrics
 from utils import ScbertError, atomic_write_bytes, atomic_write_h5ad, read_preprocessed, run_cli, str2bool
-
-EMBEDDING_HELP = (
-    "also write cell embeddings to obsm['X_scbert']: the mean of the final-norm gene encodings (dim values) over the "
-    "genes the cell expresses (non-zero tokens; all genes for a cell expressing none). Why this pooling: it is the "
-    "transformer's own representation of the cell, not squeezed through a head trained only to separate the training "
-    "classes, so novel types keep their own place; and most of a cell's ~17k tokens are zeros whose encodings are "
-    "nearly the same in every cell, which would drown a plain mean"
-)
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -160,38 +148,15 @@ def output_paths(args: argparse.Namespace) -> dict[str, str]:
     return paths
 
 
-def check_model_flags(args: argparse.Namespace, annotator: Annotator) -> None:
-    """Published size flags given explicitly must match the checkpoint."""
-    config, vocab = annotator.ckpt.config, annotator.model.vocab
-    gene_num = vocab.gene_num
-    if args.gene_num is not None and args.gene_num != gene_num:
-        raise ScbertError(f"--gene_num {args.gene_num} does not match the checkpoint's {gene_num} genes: drop the flag")
-    bin_num = getattr(vocab, "bin_num", None)
-    if args.bin_num is not None and bin_num is not None and args.bin_num != bin_num:
-        raise ScbertError(
-            f"--bin_num {args.bin_num} does not match the checkpoint, trained with {bin_num} bins: drop the flag"
-        )
-    pos = bool(config.get("g2v_position_emb", True))
-    if args.pos_embed is not None and args.pos_embed != pos:
-        raise ScbertError(f"--pos_embed {args.pos_embed} does not match the checkpoint (trained with {pos}): drop it")
-
-
 def _write_csv(frame: pd.DataFrame, path: str, **kwargs) -> None:
     atomic_write_bytes(path, frame.to_csv(**kwargs).encode("utf-8"))
-
-
-def _check_args(args: argparse.Namespace) -> None:
-    if not 0.0 <= args.unassign_thres <= 1.0:
-        raise ScbertError(f"--unassign_thres must be a probability in [0, 1], got {args.unassign_thres}")
-    if args.batch_size < 1:
-        raise ScbertError(f"--batch_size must be at least 1, got {args.batch_size}")
 
 
 def _load(args: argparse.Namespace) -> tuple[Annotator, Any]:
     """The model and the checked query."""
     annotator = load_annotator(args.model_path, label_dict=args.label_dict, heads=args.heads,
                                novel_type=args.novel_type)
-    check_model_flags(args, annotator)
+    check_model_flags(annotator, gene_num=args.gene_num, bin_num=args.bin_num, pos_embed=args.pos_embed)
     depth = len(annotator.model.named_blocks())
     if args.attention != "none" and not -depth <= args.attention_layer < depth:
         raise ScbertError(f"--attention_layer {args.attention_layer} does not exist in a model of depth {depth}: pass "
@@ -255,7 +220,10 @@ def _write_outputs(args, adata, annotator: Annotator, predictions: Predictions, 
 
 def main(argv: Sequence[str] | None = None) -> PredictResult:
     args = get_args_parser().parse_args(argv)
-    _check_args(args)
+    if not 0.0 <= args.unassign_thres <= 1.0:
+        raise ScbertError(f"--unassign_thres must be a probability in [0, 1], got {args.unassign_thres}")
+    if args.batch_size < 1:
+        raise ScbertError(f"--batch_size must be at least 1, got {args.batch_size}")
     paths = output_paths(args)
     ctx = setup_distributed(args, device=args.device)
     try:
