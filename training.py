@@ -296,14 +296,7 @@ def train_one_epoch(
                 with amp.autocast():
                     loss, stats = loss_fn(model, batch)
                 finite = bool(torch.isfinite(loss.detach()))
-                if not finite and bad_step is None:
-                    bad_step = step + 1
-                if sync_now and ctx.distributed:
-                    # Agree before the all-reducing backward, so every rank stops together instead of hanging.
-                    flag = torch.tensor([0 if bad_step is None else 1], device=ctx.device)
-                    dist.all_reduce(flag)
-                    if int(flag) and bad_step is None:
-                        bad_step = step + 1
+                bad_step = _first_bad_step(bad_step, finite, step, sync_now, ctx)
                 if bad_step is not None and (sync_now or not ctx.distributed):
                     raise NonFiniteLossError(
                         f"the training loss became non-finite at epoch {epoch}, step {bad_step}; the run stopped"
@@ -319,8 +312,7 @@ def train_one_epoch(
                         f"the gradient norm became non-finite at epoch {epoch}, step {step + 1}; the run stopped"
                         f"{keep}: {hint}"
                     )
-            n = batch_cells(batch)
-            cells += n
+            cells += batch_cells(batch)
             loss_sum += loss.detach().double()
             _accumulate(totals, stats)
             if ctx.is_main:
@@ -330,9 +322,25 @@ def train_one_epoch(
                 bar.update(1)
     finally:
         bar.close()
-    elapsed = time.perf_counter() - start
     # The loop's own totals travel under names a loss_fn's stats cannot take.
-    local = {"__loss": loss_sum, "__steps": n_steps, "__cells": cells, **totals}
+    return _epoch_totals({"__loss": loss_sum, "__steps": n_steps, "__cells": cells, **totals}, ctx,
+                         time.perf_counter() - start)
+
+
+def _first_bad_step(bad_step: int | None, finite: bool, step: int, sync_now: bool, ctx: DistContext) -> int | None:
+    """The first micro-step (1-based) with a non-finite loss on any rank so far; ranks agree at each sync step,
+    before the all-reducing backward, so every rank stops together instead of hanging."""
+    if not finite and bad_step is None:
+        bad_step = step + 1
+    if sync_now and ctx.distributed:
+        flag = torch.tensor([0 if bad_step is None else 1], device=ctx.device)
+        dist.all_reduce(flag)
+        if int(flag) and bad_step is None:
+            bad_step = step + 1
+    return bad_step
+
+
+def _epoch_totals(local: dict[str, Any], ctx: DistContext, elapsed: float) -> dict[str, float]:
     summed = reduce_sum({k: float(v) for k, v in local.items()}, ctx)
     steps = max(summed.pop("__steps"), 1)
     out = {"loss": summed.pop("__loss") / steps, "cells": summed.pop("__cells"), "steps": steps / ctx.world_size,
