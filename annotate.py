@@ -372,7 +372,7 @@ def annotation_params(annotator: Annotator, **settings: Any) -> dict[str, Any]:
     params = {
         "model_path": os.path.abspath(ckpt.path), "checkpoint_format": ckpt.source, "model_type": ckpt.model_type,
         "bin_num": int(vocab.bin_num) if hasattr(vocab, "bin_num") else None, "gene_num": int(vocab.gene_num),
-        "pos_embed": bool(ckpt.config.get("g2v_position_emb", True)),
+        "pos_embed": bool(ckpt.config["g2v_position_emb"]) if "g2v_position_emb" in ckpt.config else None,
     }
     for key, value in settings.items():
         if key == "device":

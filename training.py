@@ -201,16 +201,9 @@ def build_model_from_args(
                 f"pass --bin_num {vocab.bin_num}"
             )
         return load_model(ckpt, head=head)
-    if args.pos_embed and not args.gene2vec_path:
-        raise ScbertError(
-            "--pos_embed True needs gene2vec rows: pass --gene2vec_path <.npy from gene2vec.py> (one row per gene of "
-            "the data, width --dim), or --pos_embed False to train without them"
-        )
-    if args.gene2vec_path and args.pos_embed and not os.path.isfile(args.gene2vec_path):
-        raise ScbertError(f"gene2vec file {args.gene2vec_path!r} does not exist: check --gene2vec_path")
     model_type = getattr(args, "model_type", DEFAULT_MODEL_TYPE)
     config, options = model_family(model_type).config_from_args(args)
-    return build_model(model_type, config, **options, lm_head=head == "lm")
+    return build_model(model_type, config, **options, lm_head=head == "lm")  # lm_head: the family's pretraining head
 
 
 def check_model_flags(args: argparse.Namespace, config: dict[str, Any], path: str) -> None:
