@@ -542,7 +542,7 @@ def finetune_split(
     torch.manual_seed(args.seed)
     model = build_finetune_model(args, genes, classes, resume_path=resume_path)
     seed_everything(args.seed, ctx.rank)
-    model = wrap_model(model, ctx)
+    model = wrap_model(model, ctx, seed=args.seed)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate)
     scheduler = build_scheduler(optimizer, args.learning_rate)
     criterion = build_criterion(args, labels[train_idx], len(classes)).to(ctx.device)

@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 from label_io import read_label_dict
 from performer_pytorch import build_model, load_checkpoint
+from performer_pytorch.cpu_threads import configure_threads
 from performer_pytorch.interpret import AttentionRecorder, GroupMeans
 from utils import ScbertError, atomic_write_bytes, read_preprocessed, run_cli, str2bool, tokenize
 
@@ -506,6 +507,7 @@ def main(argv: Sequence[str] | None = None) -> PredictResult:
                           f"(columns: {columns}): pass one of them or drop the flag")
 
     model = build_model(ckpt)
+    configure_threads(model, device)
     sink = None
     if args.attention != "none":
         sink = _AttentionSink(classes, adata.n_obs, adata.n_vars, novel_type=args.novel_type,

@@ -144,7 +144,7 @@ def _pretrain(args: argparse.Namespace, ctx) -> list[dict[str, Any]]:
     if resume_path and not args.model_path:
         check_model_flags(args, unwrap_model(model).config, resume_path)
     seed_everything(args.seed, ctx.rank)
-    model = wrap_model(model, ctx)
+    model = wrap_model(model, ctx, seed=args.seed)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate)
     scheduler = CosineAnnealingWarmupRestarts(optimizer, first_cycle_steps=FIRST_CYCLE, cycle_mult=CYCLE_MULT,
                                               max_lr=args.learning_rate, min_lr=MIN_LR, warmup_steps=WARMUP,

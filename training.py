@@ -49,6 +49,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from performer_pytorch import PerformerLM, build_model, checkpoint_payload, load_checkpoint, save_checkpoint
 from performer_pytorch.checkpoint import CheckpointError, read_checkpoint_file
+from performer_pytorch.cpu_threads import configure_threads
 from utils import PREPROCESS_UNS_KEY, ScbertError, check_gene_order, read_preprocessed, str2bool, tokenize
 
 __all__ = [
@@ -569,9 +570,16 @@ def check_model_flags(args: argparse.Namespace, config: dict[str, Any], path: st
         )
 
 
-def wrap_model(model: torch.nn.Module, ctx: DistContext, **ddp_kwargs: Any) -> torch.nn.Module:
-    """Move to the device; wrap in DistributedDataParallel when distributed (DDP kwargs passed through)."""
+def wrap_model(
+    model: torch.nn.Module, ctx: DistContext, *, seed: int | None = None, **ddp_kwargs: Any
+) -> torch.nn.Module:
+    """Move to the device, set the CPU thread count for its size (`cpu_threads`); with `seed`, draw projection
+    redraws from (seed, redraw count), the same on every rank; wrap in DistributedDataParallel when distributed (DDP
+    kwargs passed through)."""
     model = model.to(ctx.device)
+    if seed is not None and hasattr(model, "set_redraw_seed"):
+        model.set_redraw_seed(seed)
+    configure_threads(model, ctx.device)
     if not ctx.distributed:
         return model
     from torch.nn.parallel import DistributedDataParallel
@@ -1051,6 +1059,8 @@ def restore_training_state(
             "rerun with that run's flags"
         ) from err
     payload = ckpt.payload
+    if hasattr(core, "load_redraw_state"):
+        core.load_redraw_state(payload.get("redraw"))  # the next projection redraw is the one the run had next
     if optimizer is not None and payload.get("optimizer_state_dict") is not None:
         optimizer.load_state_dict(payload["optimizer_state_dict"])
     if scheduler is not None and payload.get("scheduler_state_dict") is not None:
