@@ -30,6 +30,12 @@ Modes: infer = forward of the fine-tuned classifier without autograd (what predi
 loss, backward and an Adam step with everything frozen except the last LayerNorm, block depth-2 and the head (as
 finetune.py); pretrain = masked-bin LM forward/backward/Adam step with all blocks trainable.
 Sizes: full = published scBERT (16,906 genes + 1, dim 200, depth 6, 10 heads of 64, 266 features); demo = DEMO.
+Threads: `--threads auto` (default) lets each configuration choose them as the scripts do
+(`performer_pytorch/cpu_threads.py`: 1 for small models, the free cores for large ones); a number fixes them.
+Under load (`--loaded`, default: at the first batch size of each size, mode and dtype): the same process alternates
+a phase alone with a phase beside one busy core (a `python -c "while True: pass"` process it starts and stops),
+`--loaded_pairs` times, and reports both throughputs and their ratio (target: at least 40%). The machine may be
+busy with other work as well: each phase records the cores other processes kept busy during it.
 Results: a table on stdout and a JSON file (default benchmarks/results/bench_model.json).
 """
 
