@@ -7,7 +7,7 @@ demo-size step is thousands of ops of tens of microseconds each, so it then spen
 with 2 threads, and kept 73 cells/s with 1 thread (issue 21). At that size one thread is about as fast as two on a
 quiet machine too: the ops are too small to split. At full size the ops are long, but a training step still loses
 most of its speed when its threads outnumber the free cores: with the machine busy with other jobs, a full-size
-fine-tuning step took 41-81 s with 2 threads and 16-20 s with 1, in the same process alternating.
+fine-tuning step took 34-81 s with 2 threads and 15-20 s with 1, in the same process alternating.
 
 The policy (`choose_threads`, the one place it lives):
 - work per cell below `SMALL_WORK`: 1 thread, whatever the machine;
