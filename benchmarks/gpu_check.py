@@ -59,7 +59,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--size", default="full", choices=sorted(SIZES), help="model size of every part but nccl")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated: {', '.join(PARTS)}")
     parser.add_argument("--batch_sizes", default="1,8,32", help="cells per step in the timing part")
-    parser.add_argument("--fp16_steps", type=int, default=4, help="pretraining steps in the fp16 part")
+    parser.add_argument("--fp16_steps", type=int, default=8, help="pretraining steps in the fp16 part")
     parser.add_argument("--json", default=str(DEFAULT_JSON), help="where to write the results")
     return parser
 
@@ -404,7 +404,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print(
             f"fp16 pretraining at {f['tokens']} tokens: forward finite {f['forward_finite']}, max |logit - fp32| "
             f"{f['forward_max_abs_diff']:.3g} (|logit| up to {f['reference_max_abs']:.3g}); {f['skipped_steps']} of "
-            f"{len(f['steps'])} steps skipped by the scaler; losses {[round(r['loss'], 4) for r in f['steps']]}",
+            f"{len(f['steps'])} steps skipped by the scaler (the first few calibrate its scale; skips that go on "
+            f"mean overflow); losses {[round(r['loss'], 4) for r in f['steps']]}",
             flush=True,
         )
         _free(device)
