@@ -43,6 +43,7 @@ from models import load_model
 from optim import Amp
 from performer_pytorch import load_checkpoint
 from performer_pytorch.checkpoint import Checkpoint
+from performer_pytorch.cpu_threads import configure_threads
 from performer_pytorch.interpret import AttentionRecorder, GroupMeans
 from utils import ScbertError, atomic_write_bytes, check_expression, check_gene_order
 
@@ -204,6 +205,7 @@ def predict_cells(
     if n_cells == 0:
         raise ScbertError("there are no cells to predict: check the input")
     model.eval().to(device)
+    configure_threads(model, device)  # 1 thread for small models, the free cores for large ones
     X = sp.csr_matrix(X) if not sp.issparse(X) else X.tocsr()
     autocast = Amp(amp, device).autocast
     probs, pooled, kept = [], [], []  # per batch: (b, classes), (b, dim), attention (b, genes + 1)

@@ -478,7 +478,7 @@ def start_run(
         if isinstance(dataset, CellDataset) and hasattr(model, "vocab"):
             dataset.vocab = model.vocab  # cells become the family's batch entries
     seed_everything(args.seed, ctx.rank)
-    model = wrap_model(model, ctx)
+    model = wrap_model(model, ctx, seed=args.seed)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate)
     run = Run(args=args, ctx=ctx, model=model, optimizer=optimizer, scheduler=build_scheduler(optimizer,
               args.learning_rate), amp=amp, genes=list(genes), classes=list(classes) if classes is not None else None,
