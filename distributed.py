@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from performer_pytorch.cpu_threads import configure_threads
 from utils import ScbertError
 
 __all__ = [
@@ -59,10 +60,14 @@ class DistContext:
 
 
 def _pick_device(name: str, local_rank: int) -> torch.device:
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+    """auto: CUDA when visible, else CPU; cuda: this process's local GPU; cuda:<index>: that GPU; cpu."""
+    name = str(name)
+    if name not in {"auto", "cpu", "cuda"} and not name.startswith("cuda:"):
+        raise ScbertError(f"--device {name!r} is not understood: pass auto, cpu, cuda or cuda:<index>")
+    if name.startswith("cuda") or (name == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise ScbertError("--device cuda was asked for but PyTorch sees no CUDA GPU: pass --device cpu")
-        index = local_rank % torch.cuda.device_count()
+            raise ScbertError(f"--device {name} was asked for but PyTorch sees no CUDA GPU: pass --device cpu")
+        index = int(name.split(":")[1]) if ":" in name else local_rank % torch.cuda.device_count()
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
     return torch.device("cpu")
@@ -198,9 +203,16 @@ def gather_rng_states(ctx: DistContext) -> list[dict[str, Any]]:
 
 
 
-def wrap_model(model: torch.nn.Module, ctx: DistContext, **ddp_kwargs: Any) -> torch.nn.Module:
-    """Move to the device; wrap in DistributedDataParallel when distributed (DDP kwargs passed through)."""
+def wrap_model(
+    model: torch.nn.Module, ctx: DistContext, *, seed: int | None = None, **ddp_kwargs: Any
+) -> torch.nn.Module:
+    """Move to the device, set the CPU thread count for its size (`cpu_threads`); with `seed`, draw projection
+    redraws from (seed, redraw count), the same on every rank; wrap in DistributedDataParallel when distributed (DDP
+    kwargs passed through)."""
     model = model.to(ctx.device)
+    if seed is not None and hasattr(model, "set_redraw_seed"):
+        model.set_redraw_seed(seed)
+    configure_threads(model, ctx.device)
     if not ctx.distributed:
         return model
     from torch.nn.parallel import DistributedDataParallel

@@ -48,6 +48,11 @@ def given_flags(argv: Sequence[str]) -> set[str]:
     return {a.split("=", 1)[0].lstrip("-") for a in argv if a.startswith("--")}
 
 
+def step_lr(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.StepLR:
+    """The recipe's schedule: the learning rate times 0.9 after every epoch (scLLM; scGPT's annotation tutorial)."""
+    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=STEP_GAMMA)
+
+
 def apply_recipe_defaults(args: argparse.Namespace, argv: Sequence[str], defaults: dict | None = None) -> None:
     """Set the recipe's value of each shared flag the user did not pass (the Performer keeps its published ones)."""
     given = given_flags(argv)
@@ -159,12 +164,16 @@ def pretrain_transformer(args: argparse.Namespace, ctx) -> list[dict[str, Any]]:
     best = BestValue()
     settings = RunSettings(repr(resume_path), dim=args.dim, depth=args.depth, heads=args.heads,
                            mask_ratio=str(args.mask_ratio), max_seq_len=args.max_seq_len)
-    run = start_run(args, ctx, make_model=lambda: build_model_from_args(args, genes, checkpoint_path=start_path,
-                                                                        head="lm"),
+    def make_model():
+        model = build_model_from_args(args, genes, checkpoint_path=start_path, head="lm")
+        model.vocab.max_seq_len = args.max_seq_len  # start_run gives the datasets the model's vocabulary
+        return model
+
+    run = start_run(args, ctx, make_model=make_model,
                     genes=genes, train_set=CellDataset(adata.X, indices=train_idx, vocab=vocab),
                     valid_set=CellDataset(adata.X, indices=valid_idx, vocab=vocab), resume_path=resume_path,
                     clip_norm=GRAD_CLIP, state={"best": best, "settings": settings},
-                    make_scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=STEP_GAMMA))
+                    make_scheduler=step_lr)
     n_params = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
     print0(f"pretraining the transformer on {ctx.device} x {ctx.world_size}: {len(train_idx)} train / "
            f"{len(valid_idx)} valid cells, {len(genes)} genes, {n_params:,} parameters, epochs "
