@@ -61,6 +61,12 @@ def test_pretrain_finetune_predict(binned_path, tmp_path):
     assert pred.obsm["X_scbert"].shape == (pred.n_obs, 32)
     assert pred.uns["scbert_predict"]["params"]["model_type"] == "transformer"
     assert result is not None
+    # The annotation API gives predict.py's labels and probabilities on the same cells.
+    from annotate import annotate
+
+    again = annotate(ad.read_h5ad(binned_path), str(ft_dir / "tft_best.pth"))
+    np.testing.assert_allclose(again.obsm["scbert_probabilities"], pred.obsm["scbert_probabilities"], atol=1e-6)
+    assert (again.obs["scbert_celltype"].astype(str) == pred.obs["scbert_celltype"].astype(str)).all()
 
 
 def test_transformer_data_must_be_binned(tmp_path):
