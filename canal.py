@@ -145,36 +145,22 @@ def select_bank(
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-class GrowableLinear(nn.Module):
-    """A Linear whose output rows come in blocks, one per stage that added classes; each block is its own product.
+class GrowableLinear(nn.Linear):
+    """An nn.Linear whose output rows come in blocks, one per stage that added classes; each block is its own product.
 
-    Why blocks: one matrix product over more rows is not bit-for-bit the same as over the old rows (BLAS blocks the
+    Why blocks: one matrix product over more rows is not bit for bit the same as over the old rows (BLAS blocks the
     product by the number of rows and by memory alignment; differences of ~1e-6 were seen on this machine), so the
-    old classes' logits would move before any training. Computing each stage's rows as a separate product on an
-    aligned copy keeps them exact. The parameters are `weight` (out, in) and `bias` (out,), as nn.Linear's, so a
-    state dict loads into a plain Linear of the full size (equal to float rounding).
+    old classes' logits would move before any training. Computing each stage's rows as a separate product on a fresh
+    (aligned) copy keeps them exact. It is an nn.Linear (same `weight` (out, in) and `bias` (out,), the same default
+    initialisation), so code that looks for the head's last Linear finds it, and its state dict loads into a plain
+    Linear of the full size, which computes the same logits to float rounding.
     """
 
-    def __init__(self, in_features: int, blocks: Sequence[int], *, bias: bool = True):
-        super().__init__()
+    def __init__(self, in_features: int, blocks: Sequence[int], *, bias: bool = True, device=None, dtype=None):
         if not blocks or min(blocks) < 1:
             raise ValueError(f"blocks must be positive row counts, got {list(blocks)}")
-        self.in_features, self.blocks = int(in_features), tuple(int(b) for b in blocks)
-        self.out_features = sum(self.blocks)
-        self.weight = nn.Parameter(torch.empty(self.out_features, self.in_features))
-        self.bias = nn.Parameter(torch.empty(self.out_features)) if bias else None
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """nn.Linear's default initialisation, block by block (each block's fan-in is in_features, as a Linear's)."""
-        start = 0
-        for size in self.blocks:
-            fresh = nn.Linear(self.in_features, size, bias=self.bias is not None)
-            with torch.no_grad():
-                self.weight[start : start + size].copy_(fresh.weight)
-                if self.bias is not None:
-                    self.bias[start : start + size].copy_(fresh.bias)
-            start += size
+        super().__init__(in_features, sum(int(b) for b in blocks), bias=bias, device=device, dtype=dtype)
+        self.blocks = tuple(int(b) for b in blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in_features) -> (..., out_features)."""
@@ -204,8 +190,8 @@ def grow_linear(layer: nn.Linear | GrowableLinear, n_new: int) -> GrowableLinear
         raise ValueError(f"n_new must be 0 or more, got {n_new}")
     blocks = list(layer.blocks) if isinstance(layer, GrowableLinear) else [layer.out_features]
     has_bias = layer.bias is not None
-    grown = GrowableLinear(layer.in_features, blocks + ([n_new] if n_new else []), bias=has_bias)
-    grown.to(device=layer.weight.device, dtype=layer.weight.dtype)
+    grown = GrowableLinear(layer.in_features, blocks + ([n_new] if n_new else []), bias=has_bias,
+                           device=layer.weight.device, dtype=layer.weight.dtype)
     old = layer.out_features
     with torch.no_grad():
         grown.weight[:old].copy_(layer.weight)
