@@ -33,7 +33,7 @@ UNASSIGNED = "Unassigned"
 ROW_FIELDS = ["method", "stage", "test_set", "n_cells", "n_seen_cells", "accuracy", "macro_f1", "n_novel_cells",
               "novel_recall", "known_accuracy", "h_score"]
 SUMMARY_FIELDS = ["method", "stage", "n_test_sets", "average_accuracy", "average_macro_f1", "forgetting",
-                  "average_h_score"]
+                  "known_accuracy", "novel_recall", "h_score"]
 
 
 def h_score(known_accuracy: float | None, novel_recall: float | None) -> float | None:
@@ -93,6 +93,13 @@ def stage_scores(
     return row
 
 
+def _pooled(rows: list[dict[str, Any]], field: str, weight: str) -> float | None:
+    """Cell-weighted mean of `field` over the rows that have it."""
+    kept = [(r[field], r[weight]) for r in rows if r.get(field) is not None and r.get(weight)]
+    total = sum(w for _, w in kept)
+    return float(sum(v * w for v, w in kept) / total) if total else None
+
+
 def _mean(values: list[float | None]) -> float | None:
     kept = [v for v in values if v is not None and not math.isnan(v)]
     return float(np.mean(kept)) if kept else None
@@ -147,21 +154,25 @@ class StreamTable:
         return stages, tests, values
 
     def summary(self) -> list[dict[str, Any]]:
-        """Per method and stage: average accuracy and macro-F1 over the test sets scored, forgetting, mean H-score."""
+        """Per method and stage: average accuracy and macro-F1 over the test sets scored, forgetting, and the open-set
+        scores pooled over all test sets' cells (known accuracy over every seen-type cell, novel recall over every
+        cell of a type not seen yet, their H-score), since a test set may hold only one of the two."""
         out = []
         for method in self.methods():
             stages, tests, acc = self.matrix(method, "accuracy")
             _, _, f1 = self.matrix(method, "macro_f1")
-            _, _, hs = self.matrix(method, "h_score")
             for i, stage in enumerate(stages):
                 scored = ~np.isnan(acc[i])
                 drops = [float(np.nanmax(acc[:i, j]) - acc[i, j]) for j in range(len(tests))
                          if i > 0 and scored[j] and not np.all(np.isnan(acc[:i, j]))]
+                rows = [r for r in self.rows if r["method"] == method and int(r["stage"]) == stage]
+                known = _pooled(rows, "known_accuracy", "n_seen_cells")
+                novel = _pooled(rows, "novel_recall", "n_novel_cells")
                 out.append({"method": method, "stage": stage, "n_test_sets": int(scored.sum()),
                             "average_accuracy": _mean(list(acc[i][scored])),
                             "average_macro_f1": _mean(list(f1[i][~np.isnan(f1[i])])),
                             "forgetting": _mean(drops) if drops else None,
-                            "average_h_score": _mean(list(hs[i][~np.isnan(hs[i])]))})
+                            "known_accuracy": known, "novel_recall": novel, "h_score": h_score(known, novel)})
         return out
 
     def final(self, method: str) -> dict[str, Any] | None:

@@ -46,6 +46,19 @@ def test_average_accuracy_and_forgetting():
     assert summary[3]["n_test_sets"] == 3
 
 
+def test_open_set_scores_are_pooled_over_test_sets():
+    """Per-stage test sets hold either seen or unseen types; the stage's H-score pools their cells."""
+    table = StreamTable("stream")
+    seen = stage_scores(["A"] * 3 + ["B"], ["A", "A", "B", "B"], ["A", "B"], open_predicted=["A", "A", "B", "B"])
+    unseen = stage_scores(["C"] * 4, ["A"] * 4, ["A", "B"], open_predicted=[UNASSIGNED] * 3 + ["A"])
+    table.add("canal", 1, "a", seen)
+    table.add("canal", 1, "b", unseen)
+    row = table.summary()[0]
+    assert row["known_accuracy"] == pytest.approx(0.75) and row["novel_recall"] == pytest.approx(0.75)
+    assert row["h_score"] == pytest.approx(0.75)
+    assert row["average_accuracy"] == pytest.approx(0.75) and row["n_test_sets"] == 1
+
+
 def test_files_are_written_and_a_later_call_extends_the_table(tmp_path):
     table = StreamTable("stream")
     table.add("canal", 1, "a", {"accuracy": 0.9})
