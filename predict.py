@@ -42,11 +42,12 @@ import torch
 from tqdm import tqdm
 
 from label_io import read_label_dict
-from performer_pytorch import build_model, load_checkpoint
+from metrics import UNASSIGNED, annotation_metrics, format_metrics
+from models import load_model
+from performer_pytorch import load_checkpoint
 from performer_pytorch.interpret import AttentionRecorder, GroupMeans
-from utils import ScbertError, atomic_write_bytes, read_preprocessed, run_cli, str2bool, tokenize
+from utils import ScbertError, atomic_write_bytes, read_preprocessed, run_cli, str2bool
 
-UNASSIGNED = "Unassigned"
 UNS_KEY = "scbert_predict"
 
 EMBEDDING_HELP = (
@@ -91,25 +92,12 @@ def _autocast(device: torch.device, amp: str):
     raise ScbertError(f"--amp {amp!r} is not supported: pass none or bf16")
 
 
-def pool_expressed(encodings: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Mean encoding over each cell's expressed genes (see EMBEDDING_HELP).
-
-    encodings: (batch, genes + 1, dim) after the final norm; tokens: (batch, genes + 1), the last one appended.
-    Returns (batch, dim) float32; a cell with no expressed gene gets the mean over all its genes.
-    """
-    genes = encodings[:, :-1].float()  # the appended token is no gene
-    mask = (tokens[:, :-1] > 0).float()
-    mask[mask.sum(dim=1) == 0] = 1.0
-    return (genes * mask.unsqueeze(-1)).sum(dim=1) / mask.sum(dim=1, keepdim=True)
-
-
 @torch.inference_mode()
 def predict_cells(
     model: torch.nn.Module,
     X: sp.spmatrix | np.ndarray,
     *,
     batch_size: int = 8,
-    bin_num: int = 5,
     device: torch.device | str = "cpu",
     amp: str = "none",
     embeddings: bool = False,
@@ -119,7 +107,7 @@ def predict_cells(
 ) -> Predictions:
     """Class probabilities (and optionally embeddings) of every cell, `batch_size` cells at a time.
 
-    model: a PerformerLM with a ClassificationHead as `to_out` (e.g. `build_model(load_checkpoint(path))`).
+    model: a model family with a cell-type head (e.g. `models.load_model(path)`); its vocab makes the batches.
     X: (cells, genes) log2(1 + CP10K) values over the model's genes, sparse or dense; only one batch is densified.
     attention_layer / on_attention: when given, per-gene attention received at that layer is computed for each batch
     and passed as `on_attention(first_row, probs (b, classes), scores (b, genes + 1))`, so callers can reduce it
@@ -129,11 +117,11 @@ def predict_cells(
     """
     device = torch.device(device)
     n_cells, n_genes = X.shape
-    seq_len = getattr(model, "max_seq_len", n_genes + 1)
-    if n_genes + 1 != seq_len:
+    vocab = model.vocab
+    if n_genes != vocab.gene_num:
         raise ScbertError(
-            f"the data have {n_genes} genes but the model reads {seq_len - 1} (plus one appended token): run "
-            "preprocess.py --ref <checkpoint> on the data"
+            f"the data have {n_genes} genes but the model reads {vocab.gene_num}: run preprocess.py --ref "
+            "<checkpoint> on the data"
         )
     if batch_size < 1:
         raise ScbertError(f"--batch_size must be at least 1, got {batch_size}")
@@ -152,16 +140,16 @@ def predict_cells(
         bar = stack.enter_context(tqdm(total=n_cells, unit="cell", disable=not progress, file=sys.stderr))
         for first in range(0, n_cells, batch_size):
             last = min(first + batch_size, n_cells)
-            tokens = tokenize(X[first:last], bin_num=bin_num).to(device)  # (b, genes + 1)
+            batch = {k: v.to(device) for k, v in vocab.make_batch(X[first:last]).items()}
             with _autocast(device, amp):
-                encodings = model(tokens, return_encodings=True)  # (b, genes + 1, dim)
-                logits = model.to_out(encodings)  # (b, classes)
+                encodings = model.encode(batch)  # (b, tokens, dim)
+                logits = model.head(encodings)  # (b, classes)
             if probs is None:
                 probs = np.empty((n_cells, logits.shape[-1]), dtype=np.float32)
                 pooled = np.empty((n_cells, encodings.shape[-1]), dtype=np.float32) if embeddings else None
             probs[first:last] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
             if pooled is not None:
-                pooled[first:last] = pool_expressed(encodings, tokens).cpu().numpy()
+                pooled[first:last] = model.pool(encodings, batch).cpu().numpy()
             if recorder is not None:
                 scores = recorder.pop().cpu().numpy()
                 if on_attention is not None:
@@ -192,74 +180,6 @@ def assign_labels(
 def label_categories(classes: Sequence[str], novel_type: bool) -> list[str]:
     """Categories of obs['scbert_celltype']: the model's classes in order, then `Unassigned` when novel_type is on."""
     return list(classes) + ([UNASSIGNED] if novel_type else [])
-
-
-def evaluate(
-    true_labels: Sequence, predicted: Sequence[str], classes: Sequence[str], *, novel_type: bool
-) -> tuple[dict[str, Any], pd.DataFrame]:
-    """Scores of predictions against known labels.
-
-    Known-type cells (true label among the model's classes) give accuracy, macro-F1 (over the known classes present
-    in the labels; `Unassigned` counts as a miss) and the share wrongly unassigned; novel-type cells (any other label)
-    give the novel-type recall, the share called `Unassigned` (SPEC section 8: 0.329 published on MacParland).
-    Cells without a label (NaN) are left out. Returns (metrics, confusion): confusion is a DataFrame of counts,
-    true labels (known classes in class order, then novel types) x predicted labels (classes, then Unassigned).
-    """
-    from sklearn.metrics import classification_report, f1_score
-
-    true = pd.Series(list(true_labels), dtype=object)
-    has_label = true.notna().to_numpy()
-    true = true[has_label].astype(str).to_numpy()
-    pred = np.asarray(list(predicted), dtype=object)[has_label].astype(str)
-    class_list = list(classes)
-    known = np.isin(true, class_list)
-    present = [c for c in class_list if c in set(true[known])]
-    novel_types = sorted(set(true[~known]))
-    metrics: dict[str, Any] = {
-        "n_cells": int(has_label.sum()),
-        "n_without_label": int((~has_label).sum()),
-        "n_known": int(known.sum()),
-        "n_novel": int((~known).sum()),
-        "novel_types": novel_types,
-        "accuracy": None,
-        "macro_f1": None,
-        "known_unassigned_rate": None,
-        "novel_recall": None,
-        "per_class": {},
-    }
-    if known.any():
-        t, p = true[known], pred[known]
-        metrics["accuracy"] = float(np.mean(t == p))
-        metrics["macro_f1"] = float(f1_score(t, p, labels=present, average="macro", zero_division=0))
-        metrics["known_unassigned_rate"] = float(np.mean(p == UNASSIGNED))
-        report = classification_report(t, p, labels=present, output_dict=True, zero_division=0)
-        metrics["per_class"] = {
-            c: {k: (int(v) if k == "support" else float(v)) for k, v in report[c].items()} for c in present
-        }
-    if (~known).any():
-        metrics["novel_recall"] = float(np.mean(pred[~known] == UNASSIGNED))
-    columns = label_categories(class_list, novel_type or UNASSIGNED in set(pred))
-    confusion = pd.crosstab(pd.Series(true, name="true"), pd.Series(pred, name="predicted"))
-    confusion = confusion.reindex(index=present + novel_types, columns=columns, fill_value=0).astype(np.int64)
-    return metrics, confusion
-
-
-def format_metrics(metrics: dict[str, Any]) -> str:
-    """A few lines for the terminal."""
-    lines = []
-    if metrics["n_known"]:
-        lines.append(
-            f"known types: accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f} over "
-            f"{metrics['n_known']} cells; {metrics['known_unassigned_rate']:.1%} wrongly Unassigned"
-        )
-    if metrics["n_novel"]:
-        names = ", ".join(metrics["novel_types"][:5]) + (", ..." if len(metrics["novel_types"]) > 5 else "")
-        lines.append(
-            f"novel types ({names}): {metrics['novel_recall']:.1%} of {metrics['n_novel']} cells called {UNASSIGNED}"
-        )
-    if metrics["n_without_label"]:
-        lines.append(f"{metrics['n_without_label']} cells without a label were not scored")
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -505,7 +425,7 @@ def main(argv: Sequence[str] | None = None) -> PredictResult:
         raise ScbertError(f"--label_key {args.label_key!r} is not a column of obs in {args.data_path!r} "
                           f"(columns: {columns}): pass one of them or drop the flag")
 
-    model = build_model(ckpt)
+    model = load_model(ckpt)
     sink = None
     if args.attention != "none":
         sink = _AttentionSink(classes, adata.n_obs, adata.n_vars, novel_type=args.novel_type,
@@ -514,7 +434,7 @@ def main(argv: Sequence[str] | None = None) -> PredictResult:
           file=sys.stderr)
     try:
         predictions = predict_cells(
-            model, adata.X, batch_size=args.batch_size, bin_num=bin_num, device=device, amp=args.amp,
+            model, adata.X, batch_size=args.batch_size, device=device, amp=args.amp,
             embeddings=args.embeddings, attention_layer=args.attention_layer if sink else None, on_attention=sink,
             progress=True,
         )
@@ -556,7 +476,7 @@ def main(argv: Sequence[str] | None = None) -> PredictResult:
 
     metrics = None
     if args.label_key is not None:
-        metrics, confusion = evaluate(adata.obs[args.label_key], labels, classes, novel_type=args.novel_type)
+        metrics, confusion = annotation_metrics(adata.obs[args.label_key], labels, classes, novel_type=args.novel_type)
         adata.uns[UNS_KEY]["metrics"] = {
             k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)
         }

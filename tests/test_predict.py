@@ -13,7 +13,9 @@ import scipy.sparse as sp
 import torch
 
 import predict
-from performer_pytorch import ClassificationHead, PerformerLM, checkpoint_payload, save_checkpoint
+from metrics import annotation_metrics
+from models import ScbertPerformer
+from performer_pytorch import ClassificationHead, checkpoint_payload, save_checkpoint
 from performer_pytorch.interpret import attention_received
 from tests.conftest import ROOT
 from utils import PREPROCESS_UNS_KEY, ScbertError, tokenize
@@ -26,8 +28,8 @@ REF_CLASSES = ["alpha", "beta", "delta", "gamma", "epsilon"]
 
 def tiny_model(n_classes=3, lm=False):
     torch.manual_seed(0)
-    model = PerformerLM(num_tokens=7, max_seq_len=len(GENES) + 1, dim=16, depth=2, heads=2, dim_head=8,
-                        gene2vec=torch.randn(len(GENES), 16), lm_head=lm)
+    model = ScbertPerformer(num_tokens=7, max_seq_len=len(GENES) + 1, dim=16, depth=2, heads=2, dim_head=8,
+                            gene2vec=torch.randn(len(GENES), 16), lm_head=lm)
     if not lm:
         model.to_out = ClassificationHead(seq_len=len(GENES) + 1, dim=16, n_classes=n_classes)
         with torch.no_grad():  # larger weights spread the probabilities, so thresholds bite and argmaxes differ
@@ -260,7 +262,7 @@ def test_assign_labels_is_strict_below_the_threshold():
 def test_evaluation_numbers_by_hand():
     truth = ["a", "a", "b", "b", "x", "x", "x", None]
     pred = ["a", "Unassigned", "b", "a", "Unassigned", "a", "Unassigned", "a"]
-    metrics, confusion = predict.evaluate(truth, pred, ["a", "b", "c"], novel_type=True)
+    metrics, confusion = annotation_metrics(truth, pred, ["a", "b", "c"], novel_type=True)
     assert metrics["n_cells"] == 7 and metrics["n_without_label"] == 1
     assert metrics["n_known"] == 4 and metrics["n_novel"] == 3 and metrics["novel_types"] == ["x"]
     assert metrics["accuracy"] == pytest.approx(2 / 4)
