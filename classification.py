@@ -6,13 +6,18 @@
 - `set_trainable`: what trains, through the model interface (`trainable_groups`, `head`; see models.py).
 - `EarlyStopping`: the best validation score so far, as a stateful object the run loop saves and restores.
 - `inverse_frequency_weights`, `classification_step`, `validation_step`: the loss and evaluation steps of a run.
+- `make_splits`, `summarise_folds`: the stratified 80/20 split or k folds, and a k-fold summary.
+- `train_classifier`: one classification run on `training.fit` (best checkpoint, label files, metrics, confusion).
 Metrics live in metrics.py.
 """
 
 from __future__ import annotations
 
+import argparse
+import functools
 import math
-from collections.abc import Iterable, Iterator, Sequence
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -20,8 +25,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from data import BootstrapSampler, CellDataset, split_indices
+from distributed import DistContext, print0
+from label_io import write_label_files
+from metrics import classification_metrics, plot_confusion, write_confusion_csv
 from models import parse_block_spec
-from utils import ScbertError
+from performer_pytorch.checkpoint import read_checkpoint_file
+from run_state import RunSettings, named_checkpoint_path, resolve_resume, save_training_checkpoint
+from training import Run, fit, resolve_log_path, start_run
+from utils import ScbertError, write_json
 
 __all__ = [
     "ClassList",
@@ -32,9 +44,13 @@ __all__ = [
     "grow_head",
     "inverse_frequency_weights",
     "last_linear",
+    "make_splits",
     "parse_unfreeze",
     "read_labels",
     "set_trainable",
+    "save_best",
+    "summarise_folds",
+    "train_classifier",
     "validation_step",
 ]
 
@@ -274,3 +290,191 @@ def validation_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[st
     logits = model.classify(batch).float()  # (cells, classes)
     return {"index": batch["index"], "label": batch["label"], "pred": logits.argmax(dim=-1),
             "loss_sum": F.cross_entropy(logits, batch["label"], reduction="sum")}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Splits and folds
+# ---------------------------------------------------------------------------------------------------------------------
+
+VALID_SIZE = 0.2  # SPEC section 4: one stratified 80/20 split
+
+
+def make_splits(labels: np.ndarray, *, n_splits: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train, validation) cell indices, each sorted: one stratified 80/20 split, or stratified k-fold.
+
+    n_splits 1: `train_test_split(test_size=0.2, random_state=seed, stratify=labels)`, which gives exactly the
+    reference's `StratifiedShuffleSplit(n_splits=1, test_size=0.2, random_state=seed)` split (it is that splitter
+    inside), so published seeds give published splits. n_splits k >= 2: `StratifiedKFold(k, shuffle=True,
+    random_state=seed)`. The same on every rank.
+    """
+    if n_splits < 1:
+        raise ScbertError(f"--n_splits must be at least 1 (1 = one 80/20 split), got {n_splits}")
+    counts = np.bincount(labels)
+    if n_splits == 1:
+        n_valid = math.ceil(VALID_SIZE * len(labels))
+        if min(n_valid, len(labels) - n_valid) < len(counts):
+            raise ScbertError(
+                f"{len(labels)} cells are too few for an 80/20 split that holds each of the {len(counts)} cell "
+                "types on both sides: use more cells or fewer cell types"
+            )
+        return [split_indices(len(labels), VALID_SIZE, seed, stratify=labels)]
+    from sklearn.model_selection import StratifiedKFold
+
+    if counts.min() < n_splits:
+        raise ScbertError(
+            f"the smallest cell type has {counts.min()} cells, fewer than the {n_splits} folds asked for, so some "
+            "validation folds would miss it: lower --n_splits, or remove or merge the rare types"
+        )
+    folds = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    return [(np.sort(tr), np.sort(va)) for tr, va in folds.split(np.zeros((len(labels), 1)), labels)]
+
+
+def summarise_folds(fold_metrics: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and standard deviation (numpy's, ddof 0) over folds of accuracy and macro-F1, with each fold's values."""
+    summary: dict[str, Any] = {"n_splits": len(fold_metrics)}
+    for key in ("accuracy", "macro_f1"):
+        values = np.array([m[key] for m in fold_metrics], dtype=np.float64)
+        summary[key] = {"mean": float(values.mean()), "std": float(values.std()), "values": values.tolist()}
+    summary["folds"] = fold_metrics
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A classification run: the shared skeleton of fine-tuning and continual stages
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def save_best(args: argparse.Namespace, ctx: DistContext, *, model, genes, classes, labels, metrics) -> None:
+    """`<model_name>_best.pth` (config, genes, classes, metrics) plus the label files and metrics JSON beside it."""
+    best_path = named_checkpoint_path(args.ckpt_dir, args.model_name, "best")
+    save_training_checkpoint(best_path, model=model, ctx=ctx, genes=genes, epoch=metrics["epoch"], classes=classes,
+                             args=args, metrics=metrics)
+    if ctx.is_main:
+        write_label_files(args.ckpt_dir, classes, labels, prefix=f"{args.model_name}_")
+        write_json(os.path.join(args.ckpt_dir, f"{args.model_name}_metrics.json"), metrics)
+
+
+def _best_is_at(best_path: str, epoch: int) -> bool:
+    """Whether the best checkpoint on disk is the one of `epoch` (it is missing or older after an interruption)."""
+    if not os.path.exists(best_path):
+        return False
+    try:
+        return int(read_checkpoint_file(best_path).get("epoch", -1)) == int(epoch)
+    except ScbertError:
+        return False
+
+
+def train_classifier(
+    args: argparse.Namespace,
+    ctx: DistContext,
+    *,
+    adata,
+    genes: list[str],
+    classes: list[str],
+    labels: np.ndarray,
+    train_idx: np.ndarray,
+    valid_idx: np.ndarray,
+    make_model: Callable[[str | None], nn.Module],
+    loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, Any]]],
+    clip_norm: float | None,
+    settings: dict[str, Any] | None = None,
+    state: dict[str, Any] | None = None,
+    fold: int | None = None,
+) -> dict[str, Any]:
+    """One classification run (fine-tuning, or one continual stage): train on `train_idx`, validate on `valid_idx`
+    by accuracy, keep the best epoch as `<model_name>_best.pth` with its label files and metrics; returns the best
+    validation metrics (`metrics.classification_metrics` plus "epoch").
+
+    make_model(resume_path) builds the model (any family with a cell-type head; weights of a resumed run are loaded
+    after it). loss_fn(model, batch) -> (loss, {"correct": ...}) is the run's loss (`classification_step` for plain
+    cross-entropy). settings: values a resumed run must share (`RunSettings`); state: more stateful objects to save.
+    Reads the shared flags plus --patience, --sampling, --loss_div_grad_acc and --keep_epoch_ckpts.
+    """
+    best_path = named_checkpoint_path(args.ckpt_dir, args.model_name, "best")
+    resume_path = resolve_resume(args)
+    if resume_path is None and os.path.exists(best_path):
+        raise ScbertError(
+            f"{best_path!r} exists from an earlier run and a fresh run would overwrite it: pass another --model_name "
+            "or --ckpt_dir, or move it away"
+        )
+    stopper = EarlyStopping(args.patience)
+    state = {"early_stopping": stopper, "settings": RunSettings(repr(resume_path), **(settings or {})),
+             **(state or {})}
+    sampler = (BootstrapSampler(len(train_idx), rank=ctx.rank, world_size=ctx.world_size, seed=args.seed)
+               if args.sampling == "bootstrap" else None)
+    run = start_run(args, ctx, make_model=lambda: make_model(resume_path), genes=genes,
+                    train_set=CellDataset(adata.X, indices=train_idx, labels=labels),
+                    valid_set=CellDataset(adata.X, indices=valid_idx, labels=labels),
+                    resume_path=resume_path, clip_norm=clip_norm, divide_by_grad_acc=args.loss_div_grad_acc,
+                    classes=classes, state=state, sampler=sampler)
+    keep = dict(ctx=ctx, genes=genes, classes=classes, labels=labels)
+    best = stopper.best_metrics
+    if best is not None and best["epoch"] == run.start_epoch - 1 and not _best_is_at(best_path, best["epoch"]):
+        # Killed between the epoch checkpoint and the best one: the weights just restored are the best ones.
+        save_best(args, model=run.model, metrics=best, **keep)
+    _announce(run, stopper)
+
+    def valid_summary(valid: dict[str, Any], epoch: int) -> dict[str, Any]:
+        metrics = classification_metrics(valid["label"].numpy(), valid["pred"].numpy(), classes)
+        improved = stopper.update(metrics["accuracy"], epoch, metrics)
+        return {"valid_loss": valid["loss_sum"] / max(valid["cells"], 1), "valid_acc": metrics["accuracy"],
+                "valid_macro_f1": metrics["macro_f1"], "valid_cells": int(valid["cells"]),
+                "valid_time": valid["time"], "best": improved}
+
+    def after_save(record: dict[str, Any]) -> None:
+        if record.get("best"):
+            save_best(args, model=run.model, metrics=stopper.best_metrics, **keep)
+
+    def stop_reason() -> str | None:
+        return f"no better validation accuracy for {args.patience} validations" if stopper.should_stop else None
+
+    fit(run, loss_fn, validation_step, train_summary=functools.partial(_train_summary, fold=fold),
+        valid_summary=valid_summary, line=_epoch_line, stop_reason=stop_reason, after_save=after_save,
+        keep_epoch_ckpts=args.keep_epoch_ckpts)
+    if stopper.best_metrics is None:
+        raise ScbertError(f"run {args.model_name!r} finished without a validation: lower --valid_every or raise "
+                          "--epoch")
+    _write_reports(args, ctx, stopper.best_metrics, best_path)
+    return stopper.best_metrics
+
+
+def _announce(run: Run, stopper: EarlyStopping) -> None:
+    args, ctx = run.args, run.ctx
+    if stopper.should_stop or run.start_epoch > args.epoch:
+        why = "stopped early" if stopper.should_stop else "all epochs done"
+        print0(f"run {args.model_name!r} is already complete ({why} after epoch {run.start_epoch - 1}): rewriting "
+               "its metrics files; pass another --model_name to train again", ctx=ctx)
+    else:
+        print0(f"fine-tuning on {ctx.device} x {ctx.world_size}: {len(run.train_loader.dataset)} train / "
+               f"{len(run.valid_loader.dataset)} valid cells, {describe_trainable(run.model)}, epochs "
+               f"{run.start_epoch}..{args.epoch}", ctx=ctx)
+
+
+def _train_summary(train: dict[str, Any], *, fold: int | None) -> dict[str, Any]:
+    record = {"train_loss": train["loss"], "train_acc": train["correct"] / max(train["cells"], 1),
+              "train_cells": int(train["cells"]), "cells_per_s": train["cells_per_s"], "train_time": train["time"]}
+    if fold is not None:
+        record["fold"] = fold
+    return record
+
+
+def _write_reports(args: argparse.Namespace, ctx: DistContext, best: dict[str, Any], best_path: str) -> None:
+    name = args.model_name
+    if ctx.is_main:
+        write_json(os.path.join(args.ckpt_dir, f"{name}_metrics.json"), best)
+        write_confusion_csv(best, os.path.join(args.ckpt_dir, f"{name}_confusion.csv"))
+        plot_confusion(best, os.path.join(args.ckpt_dir, f"{name}_confusion.png"),
+                       title=f"{name}: epoch {best['epoch']}, accuracy {best['accuracy']:.3f}, "
+                             f"macro-F1 {best['macro_f1']:.3f}")
+    print0(f"best epoch {best['epoch']}: validation accuracy {best['accuracy']:.4f}, macro-F1 "
+           f"{best['macro_f1']:.4f}; model {os.path.abspath(best_path)}, metrics and confusion matrix "
+           f"beside it, log {os.path.abspath(resolve_log_path(args))}", ctx=ctx)
+
+
+def _epoch_line(record: dict[str, Any]) -> str:
+    line = (f"epoch {record['epoch']:3d} | lr {record['lr']:.2e} | train loss {record['train_loss']:.4f} "
+            f"acc {record['train_acc']:.4f}")
+    if "valid_acc" in record:
+        line += (f" | valid loss {record['valid_loss']:.4f} acc {record['valid_acc']:.4f} macro-F1 "
+                 f"{record['valid_macro_f1']:.4f}{' (best)' if record['best'] else ''}")
+    return line + f" | {record['cells_per_s']:.1f} cells/s | {record['train_time']:.1f} s"

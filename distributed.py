@@ -59,10 +59,14 @@ class DistContext:
 
 
 def _pick_device(name: str, local_rank: int) -> torch.device:
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+    """auto: CUDA when visible, else CPU; cuda: this process's local GPU; cuda:<index>: that GPU; cpu."""
+    name = str(name)
+    if name not in {"auto", "cpu", "cuda"} and not name.startswith("cuda:"):
+        raise ScbertError(f"--device {name!r} is not understood: pass auto, cpu, cuda or cuda:<index>")
+    if name.startswith("cuda") or (name == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise ScbertError("--device cuda was asked for but PyTorch sees no CUDA GPU: pass --device cpu")
-        index = local_rank % torch.cuda.device_count()
+            raise ScbertError(f"--device {name} was asked for but PyTorch sees no CUDA GPU: pass --device cpu")
+        index = int(name.split(":")[1]) if ":" in name else local_rank % torch.cuda.device_count()
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
     return torch.device("cpu")

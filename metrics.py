@@ -14,11 +14,14 @@ explicitly (`labels`), so two callers asking for "macro-F1 over these classes" g
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from utils import atomic_write_bytes
 
 UNASSIGNED = "Unassigned"
 
@@ -32,6 +35,8 @@ __all__ = [
     "macro_f1",
     "novel_recall",
     "per_class_report",
+    "plot_confusion",
+    "write_confusion_csv",
 ]
 
 
@@ -156,3 +161,50 @@ def format_metrics(metrics: dict[str, Any]) -> str:
     if metrics["n_without_label"]:
         lines.append(f"{metrics['n_without_label']} cells without a label were not scored")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Files of a confusion matrix
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _csv_cell(text: str) -> str:
+    return '"' + text.replace('"', '""') + '"' if any(ch in text for ch in ',"\n') else text
+
+
+def write_confusion_csv(metrics: dict[str, Any], path: str) -> None:
+    """Confusion counts as CSV: a header of predicted classes, one row per true class."""
+    classes, matrix = metrics["classes"], metrics["confusion_matrix"]
+    lines = ["true \\ predicted," + ",".join(_csv_cell(c) for c in classes)]
+    lines += [_csv_cell(name) + "," + ",".join(map(str, row)) for name, row in zip(classes, matrix, strict=True)]
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode("utf-8"))
+
+
+def plot_confusion(metrics: dict[str, Any], path: str, *, title: str) -> None:
+    """The confusion matrix as a PNG: colour = share of the true class, counts written in the cells (matplotlib Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    classes = metrics["classes"]
+    counts = np.asarray(metrics["confusion_matrix"], dtype=np.float64)
+    share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    size = max(4.0, 0.45 * len(classes) + 2.5)
+    fig, ax = plt.subplots(figsize=(size + 1.0, size))
+    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(classes)), classes, rotation=90)
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    if len(classes) <= 30:
+        for i, j in zip(*np.nonzero(counts), strict=True):
+            ax.text(j, i, str(int(counts[i, j])), ha="center", va="center", fontsize=7,
+                    color="white" if share[i, j] > 0.5 else "black")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())

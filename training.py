@@ -473,6 +473,9 @@ def start_run(
     amp = Amp(args.amp, ctx.device)
     torch.manual_seed(args.seed)
     model = make_model()
+    for dataset in (train_set, valid_set):
+        if isinstance(dataset, CellDataset) and hasattr(model, "vocab"):
+            dataset.vocab = model.vocab  # cells become the family's batch entries
     seed_everything(args.seed, ctx.rank)
     model = wrap_model(model, ctx)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate)

@@ -15,6 +15,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+import classification
 import finetune
 import optim
 import training
@@ -394,16 +395,16 @@ def test_resume_after_an_interruption_continues_where_it_stopped(tiny, tmp_path,
 def test_killed_between_epoch_and_best_checkpoint_the_rerun_restores_the_best(tiny, tmp_path, monkeypatch):
     """The epoch checkpoint is written before the best one; a kill in between loses no result."""
     argv = ["--epoch", 1, "--patience", 0]
-    original = finetune.save_best
+    original = classification.save_best  # what the classification run calls
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt  # as if the job were killed right after the epoch checkpoint was written
 
-    monkeypatch.setattr(finetune, "save_best", killed)
+    monkeypatch.setattr(classification, "save_best", killed)
     with pytest.raises(KeyboardInterrupt):
         finetune.main(args_for(tiny["data"], tmp_path, *argv, model_path=tiny["ckpt"]))
     assert (tmp_path / "finetune_1.pth").exists() and not (tmp_path / "finetune_best.pth").exists()
-    monkeypatch.setattr(finetune, "save_best", original)
+    monkeypatch.setattr(classification, "save_best", original)
     finetune.main(args_for(tiny["data"], tmp_path, *argv, model_path=tiny["ckpt"]))  # the same command again
     best = load_checkpoint(str(tmp_path / "finetune_best.pth"))
     epoch = load_checkpoint(str(tmp_path / "finetune_1.pth"))
