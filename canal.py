@@ -6,8 +6,8 @@ This module holds what CANAL adds to fine-tuning, each piece testable alone (`co
 - `select_bank`: the example bank replayed at later stages: an equal quota of floor(L / classes) cells per class,
   the cells whose embedding z has the largest dot product with their class's row of the last layer (its prototype),
   indexed by the head's own class index; quota a class cannot use is handed to classes with more cells.
-- `grow_linear` / `GrowableLinear`: the last layer grows with the class list; old rows are copied and computed as
-  before, so old classes' logits stay bit-identical until training changes the weights.
+- head growth is the classification core's `classification.grow_head` (old rows copied, each stage's rows computed
+  as their own product by `performer_pytorch.BlockLinear`, so old logits stay bit-identical before training).
 - `canal_loss`, `kd_weight`, `FrozenTeacher`: label-smoothed cross-entropy plus lambda_t * MSE between the student's
   and the previous stage's z, lambda_t = lambda_kd * |old classes| / |all classes| (0 at stage 1); the teacher is
   frozen and in eval mode (the authors left it in train mode, so its FAVOR+ projections were redrawn under it).
@@ -36,13 +36,11 @@ __all__ = [
     "LAMBDA_KD",
     "TEMPERATURE",
     "FrozenTeacher",
-    "GrowableLinear",
     "Novelty",
     "bank_quotas",
     "canal_loss",
     "canal_novelty",
     "energy",
-    "grow_linear",
     "head_first_hidden",
     "head_forward",
     "head_from_first_hidden",
@@ -138,69 +136,6 @@ def select_bank(
         order = np.argsort(-scores, kind="stable")[: quotas[c]]
         picked.append(members[order])
     return np.concatenate(picked).astype(np.int64) if picked else np.zeros(0, dtype=np.int64)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Head growth
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-class GrowableLinear(nn.Linear):
-    """An nn.Linear whose output rows come in blocks, one per stage that added classes; each block is its own product.
-
-    Why blocks: one matrix product over more rows is not bit for bit the same as over the old rows (BLAS blocks the
-    product by the number of rows and by memory alignment; differences of ~1e-6 were seen on this machine), so the
-    old classes' logits would move before any training. Computing each stage's rows as a separate product on a fresh
-    (aligned) copy keeps them exact. It is an nn.Linear (same `weight` (out, in) and `bias` (out,), the same default
-    initialisation), so code that looks for the head's last Linear finds it, and its state dict loads into a plain
-    Linear of the full size, which computes the same logits to float rounding.
-    """
-
-    def __init__(self, in_features: int, blocks: Sequence[int], *, bias: bool = True, device=None, dtype=None):
-        if not blocks or min(blocks) < 1:
-            raise ValueError(f"blocks must be positive row counts, got {list(blocks)}")
-        super().__init__(in_features, sum(int(b) for b in blocks), bias=bias, device=device, dtype=dtype)
-        self.blocks = tuple(int(b) for b in blocks)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., in_features) -> (..., out_features)."""
-        if len(self.blocks) == 1:
-            return F.linear(x, self.weight, self.bias)
-        outputs, start = [], 0
-        for size in self.blocks:
-            # clone(): a fresh, aligned buffer, as the block had when it was the whole layer
-            w = self.weight[start : start + size].clone()
-            b = self.bias[start : start + size].clone() if self.bias is not None else None
-            outputs.append(F.linear(x, w, b))
-            start += size
-        return torch.cat(outputs, dim=-1)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, blocks={self.blocks}, bias={self.bias is not None}"
-
-
-def grow_linear(layer: nn.Linear | GrowableLinear, n_new: int) -> GrowableLinear:
-    """A copy of `layer` with `n_new` output rows appended: old rows and biases copied bit for bit, new rows freshly
-    initialised as nn.Linear initialises (from torch's global generator: seed it for a reproducible head).
-
-    layer: the head's last layer, (classes, h_dim). Its rows stay the first `classes` rows, in order (an append-only
-    class list: old classes keep their index). n_new 0 returns an unchanged copy.
-    """
-    if n_new < 0:
-        raise ValueError(f"n_new must be 0 or more, got {n_new}")
-    blocks = list(layer.blocks) if isinstance(layer, GrowableLinear) else [layer.out_features]
-    has_bias = layer.bias is not None
-    grown = GrowableLinear(layer.in_features, blocks + ([n_new] if n_new else []), bias=has_bias,
-                           device=layer.weight.device, dtype=layer.weight.dtype)
-    old = layer.out_features
-    with torch.no_grad():
-        grown.weight[:old].copy_(layer.weight)
-        if has_bias:
-            grown.bias[:old].copy_(layer.bias)
-    grown.weight.requires_grad_(layer.weight.requires_grad)
-    if has_bias:
-        grown.bias.requires_grad_(layer.bias.requires_grad)
-    return grown
 
 
 # ---------------------------------------------------------------------------------------------------------------------

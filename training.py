@@ -478,7 +478,8 @@ def start_run(
             dataset.vocab = model.vocab  # cells become the family's batch entries
     seed_everything(args.seed, ctx.rank)
     model = wrap_model(model, ctx)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
+                                 amsgrad=bool(getattr(args, "amsgrad", False)))  # continual.py: CANAL's amsgrad
     run = Run(args=args, ctx=ctx, model=model, optimizer=optimizer, scheduler=build_scheduler(optimizer,
               args.learning_rate), amp=amp, genes=list(genes), classes=list(classes) if classes is not None else None,
               state=dict(state or {}), clip_norm=clip_norm, divide_by_grad_acc=divide_by_grad_acc,

@@ -1,5 +1,6 @@
 """canal.py: the example bank (quotas, handing on, the head's own prototype index), head growth that keeps old logits
-bit-identical, the loss and its frozen teacher, and the novel-cell threshold's orientation on a held-out type."""
+bit-identical (classification.grow_head), the loss and its frozen teacher, and the novel-cell threshold's orientation
+on a held-out type."""
 
 import copy
 
@@ -10,7 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import canal
-from performer_pytorch import ClassificationHead, PerformerLM
+import models
+from classification import grow_head
+from performer_pytorch import ClassificationHead, PerformerLM, checkpoint_payload, save_checkpoint
 from utils import ScbertError
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -95,47 +98,56 @@ def test_bank_ties_are_kept_up_to_the_quota():
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _head(n_classes, seed=0):
+def _classifier(n_classes, seed=0):
     torch.manual_seed(seed)
-    return ClassificationHead(seq_len=9, dim=6, n_classes=n_classes, hidden=20, h_dim=12)
+    model = models.build_model("performer", dict(num_tokens=7, max_seq_len=9, dim=6, depth=2, heads=2, dim_head=4,
+                                                 g2v_position_emb=False), lm_head=False)
+    return model.attach_head(n_classes, h_dim=12, hidden=20).eval()
 
 
-def test_grow_linear_copies_old_rows_and_initialises_new_ones():
-    torch.manual_seed(0)
-    old = nn.Linear(12, 3)
-    grown = canal.grow_linear(old, 2)
-    assert grown.weight.shape == (5, 12) and grown.bias.shape == (5,)
+def test_grow_head_copies_old_rows_and_initialises_new_ones():
+    model = _classifier(3)
+    old = copy.deepcopy(model.head.fc3)
+    grow_head(model, 2)
+    grown = model.head.fc3
+    assert grown.weight.shape == (5, 12) and grown.bias.shape == (5,) and grown.blocks == (3, 2)
     assert torch.equal(grown.weight[:3], old.weight) and torch.equal(grown.bias[:3], old.bias)
     bound = 1 / 12**0.5  # nn.Linear's uniform(-1/sqrt(fan_in), 1/sqrt(fan_in))
     new = grown.weight[3:]
     assert new.abs().max() <= bound and new.abs().min() > 0 and not torch.equal(new[0], new[1])
-    assert grown.blocks == (3, 2)
+    assert model.head_config["n_classes"] == 5 and model.head_config["class_blocks"] == [3, 2]
 
 
-def test_old_logits_are_bit_identical_after_growth_over_three_stages():
-    """A plain Linear over the grown matrix differs from the old one by float rounding; the grown layer does not."""
-    head = _head(3)
-    x = torch.randn(14, 9, 6)
+def test_old_logits_are_bit_identical_after_growth_over_three_stages(tmp_path):
+    """A plain Linear over the grown matrix differs from the old one by float rounding; the grown layer does not,
+    and a model rebuilt from the checkpoint computes the same bits."""
+    model = _classifier(3)
+    batch = {"tokens": torch.randint(0, 6, (14, 9))}
     with torch.no_grad():
-        before = head(x)
-        head.fc3 = canal.grow_linear(head.fc3, 2)
-        after_stage2 = head(x)
-        head.fc3 = canal.grow_linear(head.fc3, 4)
-        after_stage3 = head(x)
+        before = model.classify(batch)
+        grow_head(model, 2)
+        after_stage2 = model.classify(batch)
+        save_checkpoint(checkpoint_payload(model, genes=None), str(tmp_path / "stage2.pth"))
+        stage3 = models.load_model(str(tmp_path / "stage2.pth")).eval()
+        assert torch.equal(stage3.classify(batch), after_stage2)
+        grow_head(stage3, 4)
+        after_stage3 = stage3.classify(batch)
     assert after_stage2.shape == (14, 5) and after_stage3.shape == (14, 9)
     assert torch.equal(after_stage2[:, :3], before)
     assert torch.equal(after_stage3[:, :5], after_stage2)
+    assert stage3.head.fc3.blocks == (3, 2, 4)
     plain = nn.Linear(12, 9)
-    plain.load_state_dict(head.fc3.state_dict())  # same parameter names: a checkpoint loads into a plain head
+    plain.load_state_dict(stage3.head.fc3.state_dict())  # nn.Linear's parameter names
     with torch.no_grad():
-        z = canal.head_forward(head, x)[1]
+        z = stage3.classify(batch, return_hidden=True)[1]
         torch.testing.assert_close(plain(z), after_stage3, rtol=1e-5, atol=1e-5)
 
 
 def test_grown_layer_trains_every_row():
-    grown = canal.grow_linear(nn.Linear(4, 2), 3)
-    grown(torch.randn(5, 4)).square().sum().backward()
-    assert grown.weight.grad.abs().sum(dim=1).gt(0).all()
+    model = _classifier(2)
+    grow_head(model, 3)
+    model.classify({"tokens": torch.randint(0, 6, (5, 9))}).square().sum().backward()
+    assert model.head.fc3.weight.grad.abs().sum(dim=1).gt(0).all()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
