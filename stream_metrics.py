@@ -25,11 +25,11 @@ from typing import Any
 
 import numpy as np
 
+from metrics import UNASSIGNED
 from utils import ScbertError, atomic_write_bytes
 
 __all__ = ["UNASSIGNED", "StreamTable", "h_score", "stage_scores"]
 
-UNASSIGNED = "Unassigned"
 ROW_FIELDS = ["method", "stage", "test_set", "n_cells", "n_seen_cells", "accuracy", "macro_f1", "n_novel_cells",
               "novel_recall", "known_accuracy", "h_score"]
 SUMMARY_FIELDS = ["method", "stage", "n_test_sets", "average_accuracy", "average_macro_f1", "forgetting",
