@@ -118,6 +118,9 @@ def read_labelled(path: str, *, genes: Sequence[str] | None, label_key: str, wha
     if bool(np.asarray(column.isna()).any()):
         raise ScbertError(f"{what} {path!r} has cells without a label in obs[{label_key!r}]: remove them or label them")
     labels = np.asarray(column.astype(str))
+    if what != "test set" and UNASSIGNED in set(labels):
+        raise ScbertError(f"{what} {path!r} has cells labelled {UNASSIGNED!r}, the name novel cells are given: rename "
+                          "or remove them")
     names, counts = np.unique(labels, return_counts=True)
     if what != "test set" and (counts == 1).any():
         single = ", ".join(repr(str(n)) for n in names[counts == 1][:5])
@@ -276,8 +279,6 @@ def train_stage(args, ctx: DistContext, *, method: str, stage_no: int, data: Lab
     new_labels = np.array([index[c] for c in data.labels], dtype=np.int64)
     n_old = len(prev.classes) if prev else 0
     use_bank = method == "canal"
-    if use_bank:
-        canal.bank_quotas(np.zeros(len(classes)), args.bank_size)  # refuses a bank smaller than the class count
     bank_x = prev.bank_x if (prev and use_bank) else None
     bank_labels = prev.bank_labels if (prev and use_bank) else None
     split = stage_data(data.x, new_labels, bank_x, bank_labels, args.seed)
@@ -292,12 +293,9 @@ def train_stage(args, ctx: DistContext, *, method: str, stage_no: int, data: Lab
     if prev_path is not None and method == "canal" and n_old:
         teacher = canal.FrozenTeacher(load_model(load_checkpoint(prev_path), head="checkpoint")).to(ctx.device)
     step = _loss_step(teacher, n_old, args.lambda_kd if method == "canal" else 0.0, args.label_smoothing)
-    holder: dict[str, torch.nn.Module] = {}
 
     def make_model(resume_path):
-        holder["model"] = stage_model(args, genes, len(classes), prev_path=prev_path, n_old=n_old,
-                                      resume_path=resume_path)
-        return holder["model"]
+        return stage_model(args, genes, len(classes), prev_path=prev_path, n_old=n_old, resume_path=resume_path)
 
     best_metrics = train_classifier(
         run_args, ctx, adata=ad.AnnData(split.x), genes=genes, classes=classes, labels=split.labels,

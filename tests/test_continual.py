@@ -14,9 +14,11 @@ import scipy.sparse as sp
 import torch
 
 import continual
+import predict
 import training
+from annotate import annotate
 from performer_pytorch import PerformerLM, checkpoint_payload, load_checkpoint, save_checkpoint
-from utils import run_cli
+from utils import ScbertError, run_cli
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -84,6 +86,22 @@ def test_three_stage_stream_ends_with_the_union_of_classes_in_arrival_order(stre
     assert [s["stage"] for s in table["summary"]] == [1, 2, 3]
     for name in ("stream_stream.csv", "stream_stream_summary.csv", "stream_stream.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+    # predict.py with CANAL's novel-cell call on stage 3's types, unseen by the stage-2 model.
+    out = tmp_path / "query.h5ad"
+    result = predict.main(["--data_path", tests[2], "--model_path", str(stage2), "--novel_type", "True",
+                           "--novel_method", "canal", "--label_key", LABEL, "--out_path", str(out), "--seed", "5"])
+    written = ad.read_h5ad(out)
+    threshold = written.uns["scbert_predict"]["params"]["novel_threshold"]
+    unassigned = written.obs["scbert_celltype"].astype(str).to_numpy() == "Unassigned"
+    assert np.array_equal(unassigned, written.obs["scbert_novelty"].to_numpy() > threshold)
+    assert written.uns["scbert_predict"]["params"]["novel_method"] == "canal"
+    assert result.metrics["novel_recall"] == pytest.approx(unassigned.mean())  # every cell here is of a novel type
+    again = annotate(ad.read_h5ad(tests[2]), str(stage2), novel_type=True, novel_method="canal", seed=5)
+    assert np.array_equal(again.obs["scbert_celltype"].to_numpy(), written.obs["scbert_celltype"].to_numpy())
+    with pytest.raises(ScbertError, match="--attention groups cells"):
+        predict.main(["--data_path", tests[2], "--model_path", str(stage2), "--novel_type", "True",
+                      "--novel_method", "canal", "--attention", "type", "--out_path", str(tmp_path / "q2.h5ad")])
 
 
 def test_a_killed_stage_resumes_and_earlier_stages_are_not_trained_again(stream, tmp_path, monkeypatch):
