@@ -190,15 +190,6 @@ def _completed(path: str) -> StreamState | None:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def cell_layers(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
-    """(h, z, logits) of a batch: the head's first hidden layer, its penultimate layer z, the class logits.
-
-    For scBERT's head (conv -> fc1 -> fc2 -> fc3); z and the logits are also what `classify(return_hidden=True)`
-    gives, h is what the novel-cell call mixes."""
-    core = unwrap_model(model)
-    return canal.head_forward(core.head, core.encode(batch))
-
-
 def stage_model(args, genes, n_classes: int, *, prev_path: str | None, n_old: int, resume_path: str | None):
     """Stage 1: the pretrained trunk of --model_path and a fresh head; later: the previous stage's model, its head
     grown by the new classes (old rows copied bit for bit); a resumed stage: its own epoch checkpoint's model."""
@@ -236,16 +227,23 @@ def _loss_step(teacher: canal.FrozenTeacher | None, n_old: int, lambda_kd: float
     return step
 
 
-def _embed_step(model, batch):
-    h, z, logits = cell_layers(model, batch)
-    return {"index": batch["index"], "h": h.float(), "z": z.float(), "logits": logits.float()}
+def _embed_step(first_hidden: bool):
+    def step(model, batch):
+        if first_hidden:  # the head's first hidden layer, which the novel-cell call mixes (scBERT's head)
+            h, z, logits = canal.head_forward(model.head, model.encode(batch))
+            return {"index": batch["index"], "h": h.float(), "z": z.float(), "logits": logits.float()}
+        logits, z = model.classify(batch, return_hidden=True)
+        return {"index": batch["index"], "z": z.float(), "logits": logits.float()}
+
+    return step
 
 
-def embed_cells(model, x: sp.csr_matrix, args, ctx: DistContext, amp: Amp) -> dict[str, torch.Tensor]:
-    """h, z and logits of every row of x, in row order (eval mode, no gradients, sharded over ranks)."""
+def embed_cells(model, x: sp.csr_matrix, args, ctx: DistContext, amp: Amp, *, first_hidden: bool = False):
+    """z and logits (and h with first_hidden) of every row of x as tensors in row order (eval mode, no gradients,
+    sharded over ranks): z (cells, h_dim), logits (cells, classes), h (cells, hidden)."""
     dataset = CellDataset(x, vocab=unwrap_model(model).vocab)
     loader = build_loader(dataset, batch_size=args.batch_size, ctx=ctx, train=False, num_workers=args.num_workers)
-    return evaluate(model, loader, _embed_step, ctx=ctx, amp=amp, desc="embed")
+    return evaluate(model, loader, _embed_step(first_hidden), ctx=ctx, amp=amp, desc="embed")
 
 
 @dataclass
@@ -332,7 +330,7 @@ def score_tests(model, tests: list[LabelledSet], classes: list[str], args, ctx, 
     core = unwrap_model(model)
     out = {}
     for test in tests:
-        emb = embed_cells(core, test.x, args, ctx, amp)
+        emb = embed_cells(core, test.x, args, ctx, amp, first_hidden=True)
         names = np.asarray(classes, dtype=object)
         closed = names[emb["logits"].argmax(dim=-1).numpy()]
         novelty = canal.canal_novelty(emb["h"].to(ctx.device),
