@@ -47,6 +47,7 @@ from models import load_model
 from optim import Amp
 from performer_pytorch import load_checkpoint
 from performer_pytorch.checkpoint import Checkpoint
+from performer_pytorch.cpu_threads import configure_threads
 from performer_pytorch.interpret import AttentionRecorder, GroupMeans
 from utils import ScbertError, atomic_write_bytes, check_expression, check_gene_order
 
@@ -213,6 +214,7 @@ def predict_cells(
     if n_cells == 0:
         raise ScbertError("there are no cells to predict: check the input")
     model.eval().to(device)
+    configure_threads(model, device)  # 1 thread for small models, the free cores for large ones
     X = sp.csr_matrix(X) if not sp.issparse(X) else X.tocsr()
     autocast = Amp(amp, device).autocast
     probs, pooled, kept, hidden = [], [], [], []  # per batch: (b, classes), (b, dim), (b, genes + 1), (b, hidden)
@@ -430,7 +432,7 @@ def annotation_params(annotator: Annotator, **settings: Any) -> dict[str, Any]:
     params = {
         "model_path": os.path.abspath(ckpt.path), "checkpoint_format": ckpt.source, "model_type": ckpt.model_type,
         "bin_num": int(vocab.bin_num) if hasattr(vocab, "bin_num") else None, "gene_num": int(vocab.gene_num),
-        "pos_embed": bool(ckpt.config.get("g2v_position_emb", True)),
+        "pos_embed": bool(ckpt.config["g2v_position_emb"]) if "g2v_position_emb" in ckpt.config else None,
     }
     for key, value in settings.items():
         if key == "device":

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from performer_pytorch.cpu_threads import configure_threads
 from utils import ScbertError
 
 __all__ = [
@@ -202,9 +203,16 @@ def gather_rng_states(ctx: DistContext) -> list[dict[str, Any]]:
 
 
 
-def wrap_model(model: torch.nn.Module, ctx: DistContext, **ddp_kwargs: Any) -> torch.nn.Module:
-    """Move to the device; wrap in DistributedDataParallel when distributed (DDP kwargs passed through)."""
+def wrap_model(
+    model: torch.nn.Module, ctx: DistContext, *, seed: int | None = None, **ddp_kwargs: Any
+) -> torch.nn.Module:
+    """Move to the device, set the CPU thread count for its size (`cpu_threads`); with `seed`, draw projection
+    redraws from (seed, redraw count), the same on every rank; wrap in DistributedDataParallel when distributed (DDP
+    kwargs passed through)."""
     model = model.to(ctx.device)
+    if seed is not None and hasattr(model, "set_redraw_seed"):
+        model.set_redraw_seed(seed)
+    configure_threads(model, ctx.device)
     if not ctx.distributed:
         return model
     from torch.nn.parallel import DistributedDataParallel

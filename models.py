@@ -17,14 +17,17 @@ What a family implements (the Performer's below is the worked example):
     named_blocks() -> [(name, module)]      the trunk's blocks in order (what --unfreeze_layers indexes)
     trainable_groups(spec) -> [module]      the trunk modules that train under an --unfreeze_layers spec
     attach_head(n_classes, **options)       a fresh cell-type head; returns the model
-    head -> nn.Module | None                the attached head (its last nn.Linear gives the class logits)
+    head -> nn.Module | None                the attached head: head(encodings) -> logits (annotate.py encodes once for
+                                            logits and embeddings); its last nn.Linear gives the class logits
     classify(batch, return_hidden=False)    (cells, n_classes) logits, or (logits, hidden): hidden is the input of
                                             the head's last Linear (continual learning's z)
     forward(batch, return_hidden=False)     what `model(batch)` computes with the attached head (the pretraining
                                             output with its pretraining head, logits with a cell-type head); training
                                             calls this, because DistributedDataParallel only syncs through forward
     from_checkpoint(ckpt, head=..., **overrides)  classmethod: the checkpoint's model, loaded strictly
-    config_from_args(args) -> (config, options)   classmethod: the trunk from the shared command-line flags
+    config_from_args(args) -> (config, options)   classmethod: the trunk from the shared command-line flags, with
+                                            the family's own flag checks; build_model(model_type, config, **options,
+                                            lm_head=<pretraining head wanted>) must then build it
 
 A batch is a dict of tensors whose first dimension is cells; the keys are the family's ("tokens" for the
 Performer). Datasets call `vocab.make_cell(values)` per cell, so the loaders stay family-agnostic.
@@ -33,6 +36,7 @@ Performer). Datasets call `vocab.make_cell(values)` per cell, so the loaders sta
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -293,6 +297,13 @@ class ScbertPerformer(PerformerLM):
     @classmethod
     def config_from_args(cls, args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
         """(config, options) from the shared flags: sizes, the vocabulary, and the gene2vec table when used."""
+        if args.pos_embed and not args.gene2vec_path:
+            raise ScbertError(
+                "--pos_embed True needs gene2vec rows: pass --gene2vec_path <.npy from gene2vec.py> (one row per gene "
+                "of the data, width --dim), or --pos_embed False to train without them"
+            )
+        if args.gene2vec_path and args.pos_embed and not os.path.isfile(args.gene2vec_path):
+            raise ScbertError(f"gene2vec file {args.gene2vec_path!r} does not exist: check --gene2vec_path")
         vocab = BinVocab(bin_num=args.bin_num, gene_num=args.gene_num)
         config = dict(**vocab.config(), dim=args.dim, depth=args.depth, heads=args.heads, dim_head=args.dim_head,
                       g2v_position_emb=bool(args.pos_embed))

@@ -210,6 +210,9 @@ def restore_training_state(
         check_checkpoint_genes(ckpt.genes, genes, path, n_positions=n_positions)
     _load_model_state(path, ckpt, unwrap_model(model))
     payload = ckpt.payload
+    core = unwrap_model(model)
+    if hasattr(core, "load_redraw_state"):
+        core.load_redraw_state(payload.get("redraw"))  # the next projection redraw is the one the run had next
     for name, obj in _state_objects(optimizer, scheduler, amp, state).items():
         if payload.get(f"{name}_state_dict"):
             obj.load_state_dict(payload[f"{name}_state_dict"])

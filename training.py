@@ -201,16 +201,9 @@ def build_model_from_args(
                 f"pass --bin_num {vocab.bin_num}"
             )
         return load_model(ckpt, head=head)
-    if args.pos_embed and not args.gene2vec_path:
-        raise ScbertError(
-            "--pos_embed True needs gene2vec rows: pass --gene2vec_path <.npy from gene2vec.py> (one row per gene of "
-            "the data, width --dim), or --pos_embed False to train without them"
-        )
-    if args.gene2vec_path and args.pos_embed and not os.path.isfile(args.gene2vec_path):
-        raise ScbertError(f"gene2vec file {args.gene2vec_path!r} does not exist: check --gene2vec_path")
     model_type = getattr(args, "model_type", DEFAULT_MODEL_TYPE)
     config, options = model_family(model_type).config_from_args(args)
-    return build_model(model_type, config, **options, lm_head=head == "lm")
+    return build_model(model_type, config, **options, lm_head=head == "lm")  # lm_head: the family's pretraining head
 
 
 def check_model_flags(args: argparse.Namespace, config: dict[str, Any], path: str) -> None:
@@ -296,14 +289,7 @@ def train_one_epoch(
                 with amp.autocast():
                     loss, stats = loss_fn(model, batch)
                 finite = bool(torch.isfinite(loss.detach()))
-                if not finite and bad_step is None:
-                    bad_step = step + 1
-                if sync_now and ctx.distributed:
-                    # Agree before the all-reducing backward, so every rank stops together instead of hanging.
-                    flag = torch.tensor([0 if bad_step is None else 1], device=ctx.device)
-                    dist.all_reduce(flag)
-                    if int(flag) and bad_step is None:
-                        bad_step = step + 1
+                bad_step = _first_bad_step(bad_step, finite, step, sync_now, ctx)
                 if bad_step is not None and (sync_now or not ctx.distributed):
                     raise NonFiniteLossError(
                         f"the training loss became non-finite at epoch {epoch}, step {bad_step}; the run stopped"
@@ -319,8 +305,7 @@ def train_one_epoch(
                         f"the gradient norm became non-finite at epoch {epoch}, step {step + 1}; the run stopped"
                         f"{keep}: {hint}"
                     )
-            n = batch_cells(batch)
-            cells += n
+            cells += batch_cells(batch)
             loss_sum += loss.detach().double()
             _accumulate(totals, stats)
             if ctx.is_main:
@@ -330,9 +315,25 @@ def train_one_epoch(
                 bar.update(1)
     finally:
         bar.close()
-    elapsed = time.perf_counter() - start
     # The loop's own totals travel under names a loss_fn's stats cannot take.
-    local = {"__loss": loss_sum, "__steps": n_steps, "__cells": cells, **totals}
+    return _epoch_totals({"__loss": loss_sum, "__steps": n_steps, "__cells": cells, **totals}, ctx,
+                         time.perf_counter() - start)
+
+
+def _first_bad_step(bad_step: int | None, finite: bool, step: int, sync_now: bool, ctx: DistContext) -> int | None:
+    """The first micro-step (1-based) with a non-finite loss on any rank so far; ranks agree at each sync step,
+    before the all-reducing backward, so every rank stops together instead of hanging."""
+    if not finite and bad_step is None:
+        bad_step = step + 1
+    if sync_now and ctx.distributed:
+        flag = torch.tensor([0 if bad_step is None else 1], device=ctx.device)
+        dist.all_reduce(flag)
+        if int(flag) and bad_step is None:
+            bad_step = step + 1
+    return bad_step
+
+
+def _epoch_totals(local: dict[str, Any], ctx: DistContext, elapsed: float) -> dict[str, float]:
     summed = reduce_sum({k: float(v) for k, v in local.items()}, ctx)
     steps = max(summed.pop("__steps"), 1)
     out = {"loss": summed.pop("__loss") / steps, "cells": summed.pop("__cells"), "steps": steps / ctx.world_size,
@@ -477,7 +478,7 @@ def start_run(
         if isinstance(dataset, CellDataset) and hasattr(model, "vocab"):
             dataset.vocab = model.vocab  # cells become the family's batch entries
     seed_everything(args.seed, ctx.rank)
-    model = wrap_model(model, ctx)
+    model = wrap_model(model, ctx, seed=args.seed)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
                                  amsgrad=bool(getattr(args, "amsgrad", False)))  # continual.py: CANAL's amsgrad
     run = Run(args=args, ctx=ctx, model=model, optimizer=optimizer, scheduler=build_scheduler(optimizer,

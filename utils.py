@@ -129,12 +129,30 @@ def check_gene_order(data_genes: Sequence[str], model_genes: Sequence[str], *, d
     )
 
 
+CHECK_CHUNK = 1 << 22  # values checked at a time, so a check of a huge matrix needs no full-size temporary
+
+
+def first_fractional(values: np.ndarray) -> int | None:
+    """Position of the first value that is not a whole number, or None: the one test of "these are counts"."""
+    values = np.asarray(values).ravel()
+    if values.dtype.kind in "biu":
+        return None
+    for start in range(0, values.size, CHECK_CHUNK):
+        chunk = values[start : start + CHECK_CHUNK]
+        fractional = np.flatnonzero(chunk != np.floor(chunk))
+        if fractional.size:
+            return start + int(fractional[0])
+    return None
+
+
 def looks_like_counts(data: np.ndarray) -> bool:
-    """True when stored values are all whole numbers with some large ones: raw counts, not log2(1 + CP10K)."""
+    """True when stored values are all whole numbers with some large ones: raw counts, not log2(1 + CP10K).
+
+    (Small whole numbers alone could be log values of a tiny matrix; log2(1 + CP10K) never reaches 30.)"""
     if data.size == 0:
         return False
     sample = data[: 1_000_000]
-    return bool(np.all(sample == np.round(sample)) and sample.max() > 30)
+    return first_fractional(sample) is None and bool(sample.max() > 30)
 
 
 def check_expression(matrix, *, name: str) -> sp.csr_matrix:

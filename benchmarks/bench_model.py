@@ -30,6 +30,12 @@ Modes: infer = forward of the fine-tuned classifier without autograd (what predi
 loss, backward and an Adam step with everything frozen except the last LayerNorm, block depth-2 and the head (as
 finetune.py); pretrain = masked-bin LM forward/backward/Adam step with all blocks trainable.
 Sizes: full = published scBERT (16,906 genes + 1, dim 200, depth 6, 10 heads of 64, 266 features); demo = DEMO.
+Threads: `--threads auto` (default) lets each configuration choose them as the scripts do
+(`performer_pytorch/cpu_threads.py`: 1 for small models, the free cores for large ones); a number fixes them.
+Under load (`--loaded`, default: at the first batch size of each size, mode and dtype): the same process alternates
+a phase alone with a phase beside one busy core (a `python -c "while True: pass"` process it starts and stops),
+`--loaded_pairs` times, and reports both throughputs and their ratio (target: at least 40%). The machine may be
+busy with other work as well: each phase records the cores other processes kept busy during it.
 Results: a table on stdout and a JSON file (default benchmarks/results/bench_model.json).
 """
 
@@ -55,7 +61,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from performer_pytorch import ClassificationHead, PerformerLM, plain_attention  # noqa: E402
+from performer_pytorch import ClassificationHead, PerformerLM, cpu_threads, plain_attention  # noqa: E402
 from utils import ScbertError, run_cli, str2bool  # noqa: E402
 
 # Model sizes. The demo size is the one demo.py trains (small enough for a laptop); change it here if that changes.
@@ -93,7 +99,26 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "quick, 1 for training steps); each follows a warm-up step",
     )
     parser.add_argument("--min_seconds", type=float, default=1.0, help="demo size: repeat steps for this long")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (this machine has 2 cores)")
+    parser.add_argument(
+        "--threads",
+        default="auto",
+        help="torch threads: 'auto' (default) chooses them as the scripts do (performer_pytorch/cpu_threads.py: by "
+        "the model's size and the cores other processes leave free); a number fixes them (2 was the earlier default)",
+    )
+    parser.add_argument(
+        "--loaded",
+        default="first",
+        choices=("none", "first", "all"),
+        help="also time steps beside one busy core (a `while True: pass` process the benchmark starts and stops), "
+        "alternating with unloaded steps in the same process: at the first batch size of each size, mode and dtype "
+        "(default), at all, or none",
+    )
+    parser.add_argument(
+        "--loaded_pairs",
+        type=int,
+        default=None,
+        help="alone/loaded pairs per loaded configuration (default: 3 at demo size, 2 at full size)",
+    )
     parser.add_argument(
         "--compare_plain", type=str2bool, default=True, help="also time the plain path (inference, batch 1)"
     )
@@ -254,13 +279,17 @@ def run_configuration(config: dict) -> dict:
     Why warm up with the same batch: steps of a run repeat, and training steps reuse their whole-cell tensors from the
     step before (performer_pytorch/buffers.py), so the first step at a batch size also pays for mapping that memory.
     Its time is reported as `warmup_seconds`."""
-    torch.set_num_threads(config["threads"])
+    auto = config["threads"] == "auto"
+    torch.set_num_threads(cpu_threads.ceiling() if auto else int(config["threads"]))
     dtype = DTYPES[config["dtype"]]
     size, mode, batch = SIZES[config["size"]], config["mode"], config["batch"]
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
     rate = matmul_rate(dtype, WORKER_MATMUL_SIZES)["gflops"]
     model, optimizer = build(size, mode)
+    if auto:
+        cpu_threads.configure_threads(model)
+    threads_used = torch.get_num_threads()
     tokens, labels = random_batch(size, batch, mode, generator)
     gc.collect()
     rss_model = current_rss_mb()
@@ -278,9 +307,12 @@ def run_configuration(config: dict) -> dict:
                 beside.append(rate_now(dtype))
         if not between_steps:
             beside.append(rate_now(dtype))
+        under_load = loaded_pairs(model, optimizer, tokens, labels, config) if config.get("loaded_pairs") else None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return dict(
         config,
+        threads_used=threads_used,
+        under_load=under_load,
         seconds=min(times),
         seconds_mean=sum(times) / len(times),
         step_seconds=times,
@@ -291,6 +323,57 @@ def run_configuration(config: dict) -> dict:
         rss_after_build_mb=rss_model,
         peak_rss_mb=peak,
     )
+
+
+class busy_core:
+    """One other process keeping a core busy (`python -c "while True: pass"`) for the length of a `with` block."""
+
+    def __enter__(self):
+        self.process = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        time.sleep(0.3)  # running before the timing starts
+        return self
+
+    def __exit__(self, *exc):
+        self.process.kill()
+        self.process.wait()
+        return False
+
+
+def loaded_pairs(model, optimizer, tokens, labels, config: dict) -> dict:
+    """Alternate a phase alone and a phase beside one busy core, `config["loaded_pairs"]` times: one step per phase
+    at full size, steps for `min_seconds` at the demo size. With --threads auto, each phase starts by choosing the
+    threads as a running script would after a few seconds of that load (`cpu_threads.configure_threads`).
+
+    Returns per phase its seconds per step, its threads and the cores other processes kept busy during it (the
+    benchmark's busy process included, and whatever else the machine ran); `ratio` is the median over pairs of
+    loaded throughput over unloaded throughput."""
+    dtype = DTYPES[config["dtype"]]
+    auto = config["threads"] == "auto"
+    phases: dict[str, list] = {"alone": [], "loaded": []}
+
+    def phase(name: str) -> None:
+        with busy_core() if name == "loaded" else _nothing():
+            if auto:
+                cpu_threads.configure_threads(model)
+            meter = cpu_threads.LoadMeter()
+            times = []
+            deadline = time.perf_counter() + config["min_seconds"]
+            while not times or (config["min_seconds"] > 0 and time.perf_counter() < deadline):
+                times.append(_timed(lambda: step(model, optimizer, tokens, labels, config["mode"], dtype)))
+            phases[name].append(
+                dict(
+                    seconds=statistics.median(times),
+                    steps=len(times),
+                    threads=torch.get_num_threads(),
+                    others_busy=meter.others_busy(),
+                )
+            )
+
+    for _ in range(config["loaded_pairs"]):
+        phase("alone")
+        phase("loaded")
+    ratios = [a["seconds"] / b["seconds"] for a, b in zip(phases["alone"], phases["loaded"], strict=True)]
+    return dict(phases, ratio=statistics.median(ratios), ratios=ratios)
 
 
 class _nothing:
@@ -304,7 +387,8 @@ class _nothing:
 def spawn(config: dict) -> dict:
     """Run one configuration in a fresh interpreter without allocator tuning in its environment."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    env["OMP_NUM_THREADS"] = str(config["threads"])
+    if config["threads"] != "auto":
+        env["OMP_NUM_THREADS"] = str(config["threads"])
     load_before = os.getloadavg()[0]
     result = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(config)],
@@ -419,6 +503,53 @@ def target_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
+LOADED_HEADER = (
+    f"{'size':5} {'mode':8} {'dtype':5} {'batch':>5} {'cells/s alone':>13} {'cells/s loaded':>14} {'ratio':>6} "
+    f"{'thr':>5} {'busy':>9}"
+)
+
+
+def format_loaded_row(row: dict) -> str:
+    load = row["under_load"]
+    alone = statistics.median(row["batch"] / p["seconds"] for p in load["alone"])
+    loaded = statistics.median(row["batch"] / p["seconds"] for p in load["loaded"])
+
+    def most(phases, key):
+        values = [p[key] for p in phases if p[key] is not None]
+        return statistics.median(values) if values else float("nan")
+
+    threads = f"{most(load['alone'], 'threads'):.0f}/{most(load['loaded'], 'threads'):.0f}"
+    busy = f"{most(load['alone'], 'others_busy'):.1f}/{most(load['loaded'], 'others_busy'):.1f}"
+    return (
+        f"{row['size']:5} {row['mode']:8} {row['dtype']:5} {row['batch']:5d} {alone:13.2f} {loaded:14.2f} "
+        f"{100 * load['ratio']:5.0f}% {threads:>5} {busy:>9}"
+    )
+
+
+LOADED_TARGET = 0.40  # issue 21: at least 40% of the unloaded throughput beside one busy core
+
+
+def loaded_target_lines(rows: list[dict]) -> list[str]:
+    lines = []
+    for size in ("demo", "full"):
+        mine = [r for r in rows if r.get("under_load") and r["size"] == size]
+        if mine:
+            worst = min(mine, key=lambda r: r["under_load"]["ratio"])
+            ratio = worst["under_load"]["ratio"]
+            verdict = "met" if ratio >= LOADED_TARGET else "NOT met"
+            lines.append(
+                f"{size} beside one busy core: >= {LOADED_TARGET:.0%} of the unloaded throughput; worst "
+                f"{ratio:.0%} ({worst['mode']} {worst['dtype']} batch {worst['batch']}): {verdict}"
+            )
+    return lines
+
+
+def other_cores_busy(seconds: float = 0.5) -> float:
+    meter = cpu_threads.LoadMeter()
+    time.sleep(seconds)
+    return meter.others_busy() or 0.0
+
+
 def configurations(args) -> list[dict]:
     def split(text: str, allowed) -> list[str]:
         items = [s.strip() for s in text.split(",") if s.strip()]
@@ -436,7 +567,10 @@ def configurations(args) -> list[dict]:
             raise ScbertError(f"batch sizes must be positive integers like 1,2,4,8, got {text!r}")
         return values
 
-    base = dict(threads=args.threads)
+    threads = str(args.threads).strip()
+    if threads != "auto" and not (threads.isdigit() and int(threads) >= 1):
+        raise ScbertError(f"--threads must be 'auto' or a positive number, got {args.threads!r}")
+    base = dict(threads=threads)
     rows = []
     for size in split(args.sizes, SIZES):
         for mode in split(args.modes, MODES):
@@ -448,6 +582,10 @@ def configurations(args) -> list[dict]:
                 for batch in sizes:
                     for path in paths + (["plain"] if args.compare_plain and mode == "infer" and batch == 1 else []):
                         full = size == "full"
+                        loaded = path == "fast" and (
+                            args.loaded == "all" or (args.loaded == "first" and batch == sizes[0])
+                        )
+                        pairs = args.loaded_pairs if args.loaded_pairs is not None else (2 if full else 3)
                         rows.append(
                             dict(
                                 base,
@@ -458,6 +596,7 @@ def configurations(args) -> list[dict]:
                                 path=path,
                                 repeats=3 if not full else args.repeats or (3 if mode == "infer" else 1),
                                 min_seconds=0.0 if full else args.min_seconds,
+                                loaded_pairs=pairs if loaded else 0,
                             )
                         )
     return rows
@@ -469,14 +608,18 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         print(json.dumps(run_configuration(json.loads(args.worker))))
         return []
     configs = configurations(args)
-    torch.set_num_threads(args.threads)
+    rate_threads = cpu_threads.ceiling() if configs[0]["threads"] == "auto" else int(configs[0]["threads"])
+    torch.set_num_threads(rate_threads)
     started = time.time()
     print(
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-        f"{args.threads} threads; load average {os.getloadavg()[0]:.2f}",
+        f"threads {args.threads} (matmul rates with {rate_threads}); load average {os.getloadavg()[0]:.2f}, "
+        f"cores busy with other processes {other_cores_busy():.2f}",
         flush=True,
     )
-    run_rates = {name: matmul_rate(DTYPES[name]) for name in ("fp32", "bf16")}
+    # Only the dtypes asked for: on a CPU without AVX-512 a bf16 matmul takes a slow path (about 1 GFLOP/s on an
+    # AVX2-only AMD EPYC), so measuring it costs minutes.
+    run_rates = {name: matmul_rate(DTYPES[name]) for name in DTYPES if name in {c["dtype"] for c in configs}}
     for name, rate in run_rates.items():
         by_size = ", ".join(f"{s}: {g:.0f}" for s, g in rate["by_size"].items())
         print(f"matmul rate {name}: {rate['gflops']:.0f} GFLOP/s (square sizes {by_size})", flush=True)
@@ -502,7 +645,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         row = finish_row(spawn(config), rates)
         rows.append(row)
         print(format_row(row), flush=True)
-    for line in target_lines(rows):
+    loaded = [r for r in rows if r.get("under_load")]
+    if loaded:
+        print(LOADED_HEADER, flush=True)
+        for row in loaded:
+            print(format_loaded_row(row), flush=True)
+    for line in target_lines(rows) + loaded_target_lines(rows):
         print("target:", line, flush=True)
     print(
         "% rate: achieved GFLOP/s (fastest step) over max(run's matmul rate, the worker's own) of the same dtype; "
@@ -513,9 +661,18 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         "before/after the configuration",
         flush=True,
     )
+    if loaded:
+        print(
+            "under load: alone and beside one busy core (a process the benchmark starts and stops), alternating in "
+            "one process; cells/s of each phase's median step, median over pairs; ratio: the median over pairs of "
+            "loaded over alone throughput; thr: threads alone/loaded; busy: cores other processes kept busy during "
+            "the phases (the benchmark's busy process included), alone/loaded",
+            flush=True,
+        )
     report = dict(
         torch=torch.__version__,
         threads=args.threads,
+        matmul_threads=rate_threads,
         cpu_count=os.cpu_count(),
         command=" ".join([Path(sys.argv[0]).name] + list(argv if argv is not None else sys.argv[1:])),
         seconds=time.time() - started,

@@ -281,6 +281,7 @@ def checkpoint_payload(
         "genes": list(genes) if genes is not None else None,
         "classes": list(classes) if classes is not None else None,
         "scbert_format_version": FORMAT_VERSION,
+        **({"redraw": core.redraw_state()} if hasattr(core, "redraw_state") else {}),
         **extra,
     }
 

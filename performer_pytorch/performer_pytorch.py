@@ -140,6 +140,12 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def redraw_generator_seed(seed: int, redraws: int) -> int:
+    """The seed of a redraw's generator: a function of the run's seed and the number of redraws before it only (never
+    the rank), mixed so that nearby (seed, count) pairs give unrelated streams."""
+    return int(np.random.SeedSequence([int(seed) % 2**63, int(redraws)]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
 class FastAttention(nn.Module):
     """FAVOR+ attention over already projected q, k, v; holds the random projection as a buffer."""
 
@@ -159,12 +165,15 @@ class FastAttention(nn.Module):
         self.kernel_fn = kernel_fn
         self.register_buffer("projection_matrix", self._draw())
 
-    def _draw(self) -> torch.Tensor:
-        return gaussian_orthogonal_random_matrix(self.nb_features, self.dim_heads, scaling=self.ortho_scaling)
+    def _draw(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        return gaussian_orthogonal_random_matrix(
+            self.nb_features, self.dim_heads, scaling=self.ortho_scaling, generator=generator
+        )
 
     @torch.no_grad()
-    def redraw_projection_matrix(self) -> None:
-        self.projection_matrix.copy_(self._draw().to(self.projection_matrix))
+    def redraw_projection_matrix(self, generator: torch.Generator | None = None) -> None:
+        """A new projection from `generator` (a CPU generator; None: torch's global RNG)."""
+        self.projection_matrix.copy_(self._draw(generator).to(self.projection_matrix))
 
     def features(self, data: torch.Tensor, *, is_query: bool) -> torch.Tensor:
         if self.generalized_attention:
@@ -445,6 +454,11 @@ class Performer(nn.Module):
         self.feature_redraw_interval = feature_redraw_interval
         self.redraw_enabled = True
         self.register_buffer("calls_since_last_redraw", torch.tensor(0))
+        # Where redraws draw from: None, torch's global RNG (as published); a seed, a generator seeded by
+        # (seed, redraws so far), the same on every DDP rank (`set_redraw_seed`). Kept in checkpoints beside the
+        # weights (`redraw_state`), not in the state dict, whose keys stay the published ones.
+        self.redraw_seed: int | None = None
+        self.redraws = 0
 
     def fast_attentions(self) -> list[FastAttention]:
         return [m for m in self.modules() if isinstance(m, FastAttention)]
@@ -452,8 +466,12 @@ class Performer(nn.Module):
     @torch.no_grad()
     def redraw_projections(self) -> None:
         """Draw a new projection for every layer (frozen ones too, as published) and reset the counter."""
+        generator = None
+        if self.redraw_seed is not None:
+            generator = torch.Generator().manual_seed(redraw_generator_seed(self.redraw_seed, self.redraws))
         for fast_attention in self.fast_attentions():
-            fast_attention.redraw_projection_matrix()
+            fast_attention.redraw_projection_matrix(generator)
+        self.redraws += 1
         self.calls_since_last_redraw.zero_()
 
     @torch.no_grad()
@@ -729,6 +747,24 @@ class PerformerLM(nn.Module):
         for module in self.modules():
             if isinstance(module, SelfAttention):
                 module.chunk_size = tokens
+
+    def set_redraw_seed(self, seed: int | None) -> None:
+        """Draw every later projection redraw from a generator seeded by (seed, redraws so far), so all DDP ranks
+        redraw the same projections (a rank's own RNG is seeded with seed + rank for masking and dropout); None
+        goes back to torch's global RNG."""
+        self.performer.redraw_seed = None if seed is None else int(seed)
+
+    def redraw_state(self) -> dict:
+        """{"seed", "count"}: what the next redraw draws from (saved in checkpoints, `load_redraw_state`)."""
+        return {"seed": self.performer.redraw_seed, "count": int(self.performer.redraws)}
+
+    def load_redraw_state(self, state: dict | None) -> None:
+        """Continue the redraws of a saved run: its count (and its seed when this model has none set)."""
+        if not state:
+            return
+        if self.performer.redraw_seed is None and state.get("seed") is not None:
+            self.performer.redraw_seed = int(state["seed"])
+        self.performer.redraws = int(state.get("count", 0))
 
     def fix_projections(self, fixed: bool = True) -> None:
         """Stop (or allow again) projection redraws in training mode; eval mode never redraws anyway."""
