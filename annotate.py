@@ -6,13 +6,16 @@
 `adata` holds log2(1 + CP10K) values over the model's genes in its order (preprocess.py's output for
 `--ref <checkpoint>`). Cells are made into batches by the model family's vocab a batch at a time (the matrix is never
 densified as a whole), classified, and labelled with the argmax class; with `novel_type=True` a cell whose top
-probability is below `unassign_thres` is `Unassigned` (SPEC section 5). Under torchrun each rank predicts a
+probability is below `unassign_thres` is `Unassigned` (SPEC section 5), or, with `novel_method="canal"`, a cell
+more uncertain than CANAL's virtual outliers (canal.canal_novelty). Under torchrun each rank predicts a
 contiguous shard of the cells and every rank receives all of them; the caller writes on rank 0.
 
 Fields written (as scanpy does: labels categorical in obs, arrays in obsm, parameters in uns):
     obs['scbert_celltype']        categorical: every class of the model (in class order, so colours stay stable
                                   across queries), then `Unassigned` when novel_type (whether used or not)
     obs['scbert_confidence']      float32, the top class probability
+    obs['scbert_novelty']         with novel_method "canal": float32 uncertainty score u in [0, 1] (the threshold
+                                  is params['novel_threshold'])
     obsm['scbert_probabilities']  float32 (cells, classes): softmax of the class logits
     obsm['X_scbert']              with embeddings=True: float32 (cells, dim) cell embeddings (the family's `pool`)
     uns['scbert_predict']         {'params': {...settings}, 'classes': [...obsm column order], 'metrics': {...}
@@ -36,6 +39,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import canal
 from distributed import DistContext, barrier, gather_tensors
 from label_io import read_label_dict
 from metrics import UNASSIGNED, annotation_metrics
@@ -56,6 +60,8 @@ __all__ = [
     "Predictions",
     "annotate",
     "assign_labels",
+    "canal_novel_cells",
+    "check_novel_method",
     "check_model_flags",
     "check_query",
     "label_categories",
@@ -85,6 +91,7 @@ class Predictions:
     embeddings: np.ndarray | None = None
     attention: np.ndarray | None = None
     seconds: float = 0.0
+    first_hidden: np.ndarray | None = None  # (cells, hidden) the head's first hidden layer, for novel_method "canal"
 
 
 @dataclass
@@ -180,6 +187,7 @@ def predict_cells(
     on_attention: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
     progress: bool = False,
     ctx: DistContext | None = None,
+    first_hidden: bool = False,
 ) -> Predictions:
     """Class probabilities (and optionally embeddings) of every cell, `batch_size` cells at a time.
 
@@ -189,6 +197,7 @@ def predict_cells(
     and passed as `on_attention(first_row, probs (b, classes), scores (b, genes + 1))`, so callers can reduce it
     without keeping (cells x genes) in memory; without a callback the scores are returned in `attention`.
     ctx: under torchrun, each rank predicts its shard and the results of all ranks are returned on every rank.
+    first_hidden: also return the head's first hidden layer (scBERT's head), which CANAL's novel-cell call mixes.
     The model is put in eval mode and moved to `device`; logits are computed under `amp` ("none" or "bf16"), the
     softmax in float32.
     """
@@ -208,7 +217,7 @@ def predict_cells(
     configure_threads(model, device)  # 1 thread for small models, the free cores for large ones
     X = sp.csr_matrix(X) if not sp.issparse(X) else X.tocsr()
     autocast = Amp(amp, device).autocast
-    probs, pooled, kept = [], [], []  # per batch: (b, classes), (b, dim), attention (b, genes + 1)
+    probs, pooled, kept, hidden = [], [], [], []  # per batch: (b, classes), (b, dim), (b, genes + 1), (b, hidden)
     recorder = AttentionRecorder(model, attention_layer) if attention_layer is not None else None
     rows = _shard(n_cells, ctx)
     start = time.perf_counter()
@@ -222,6 +231,8 @@ def predict_cells(
             with autocast():
                 encodings = model.encode(batch)  # (b, tokens, dim)
                 logits = model.head(encodings)  # (b, classes)
+                if first_hidden:
+                    hidden.append(canal.head_first_hidden(model.head, encodings).float().cpu().numpy())
             probs.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
             if embeddings:
                 pooled.append(model.pool(encodings, batch).cpu().numpy())
@@ -236,13 +247,33 @@ def predict_cells(
     n_classes = int(model.head_config["n_classes"])
     attention = _gather_rows(kept, n_genes + 1, ctx) if recorder is not None and on_attention is None else None
     return Predictions(probs=_gather_rows(probs, n_classes, ctx), seconds=seconds, attention=attention,
-                       embeddings=_gather_rows(pooled, None, ctx) if embeddings else None)
+                       embeddings=_gather_rows(pooled, None, ctx) if embeddings else None,
+                       first_hidden=_gather_rows(hidden, None, ctx) if first_hidden else None)
+
+
+NOVEL_METHODS = ("threshold", "canal")
+
+
+def canal_novel_cells(model: torch.nn.Module, predictions: Predictions, *, temperature: float = canal.TEMPERATURE,
+                      seed: int = 0) -> canal.Novelty:
+    """CANAL's novel-cell call over all the query's cells (`canal.canal_novelty`): the threshold comes from virtual
+    outliers mixed from the query's own cells, so it needs every cell's first hidden layer (predict_cells with
+    first_hidden=True). Deterministic for a given seed; the same on every rank."""
+    if predictions.first_hidden is None:
+        raise ValueError("canal_novel_cells needs predict_cells(..., first_hidden=True)")
+    head = model.head
+    device = next(head.parameters()).device
+    h = torch.from_numpy(predictions.first_hidden).to(device)
+    return canal.canal_novelty(h, lambda hidden: canal.head_from_first_hidden(head, hidden)[1],
+                               temperature=temperature, seed=seed)
 
 
 def assign_labels(
-    probs: np.ndarray, classes: Sequence[str], *, novel_type: bool, unassign_thres: float
+    probs: np.ndarray, classes: Sequence[str], *, novel_type: bool, unassign_thres: float,
+    novel: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Argmax class of each row of probs (cells, classes); with novel_type, `Unassigned` below the threshold.
+    """Argmax class of each row of probs (cells, classes); with novel_type, `Unassigned` below the threshold, or,
+    when `novel` (cells,) bool is given (another novel-cell call, e.g. CANAL's), where it is True.
 
     Returns (labels: object array of str, confidence: float32 top probability).
     """
@@ -251,7 +282,8 @@ def assign_labels(
     confidence = probs.max(axis=1).astype(np.float32)
     labels = classes[best]
     if novel_type:
-        labels = np.where(confidence < unassign_thres, UNASSIGNED, labels).astype(object)
+        called = np.asarray(novel, dtype=bool) if novel is not None else confidence < unassign_thres
+        labels = np.where(called, UNASSIGNED, labels).astype(object)
     return labels, confidence
 
 
@@ -266,15 +298,21 @@ def label_categories(classes: Sequence[str], novel_type: bool) -> list[str]:
 
 
 def write_annotations(adata, predictions: Predictions, classes: Sequence[str], *, novel_type: bool,
-                      unassign_thres: float, params: dict[str, Any]) -> None:
-    """Write obs/obsm/uns as listed in the module docstring (params: None values are left out; h5ad has no None)."""
+                      unassign_thres: float, params: dict[str, Any], novelty: canal.Novelty | None = None) -> None:
+    """Write obs/obsm/uns as listed in the module docstring (params: None values are left out; h5ad has no None).
+    novelty: CANAL's novel-cell call (`canal_novel_cells`), used instead of the fixed threshold; adds
+    obs['scbert_novelty'] (its uncertainty score) and the threshold to the params."""
+    novel = novelty.novel.cpu().numpy() if novelty is not None else None
     labels, confidence = assign_labels(predictions.probs, classes, novel_type=novel_type,
-                                       unassign_thres=unassign_thres)
+                                       unassign_thres=unassign_thres, novel=novel)
     adata.obs["scbert_celltype"] = pd.Categorical(labels, categories=label_categories(classes, novel_type))
     adata.obs["scbert_confidence"] = confidence
     adata.obsm["scbert_probabilities"] = predictions.probs
     if predictions.embeddings is not None:
         adata.obsm["X_scbert"] = predictions.embeddings
+    if novelty is not None:
+        adata.obs["scbert_novelty"] = novelty.score.cpu().numpy().astype(np.float32)
+        params = {**params, "novel_threshold": float(novelty.threshold)}
     adata.uns[UNS_KEY] = {"params": {k: v for k, v in params.items() if v is not None}, "classes": list(classes)}
 
 
@@ -330,6 +368,9 @@ def annotate(
     *,
     novel_type: bool = False,
     unassign_thres: float = 0.5,
+    novel_method: str = "threshold",
+    novel_temperature: float = canal.TEMPERATURE,
+    seed: int = 0,
     batch_size: int = 8,
     device: str | torch.device = "cpu",
     amp: str = "none",
@@ -349,6 +390,8 @@ def annotate(
     """
     if not 0.0 <= unassign_thres <= 1.0:
         raise ScbertError(f"--unassign_thres must be a probability in [0, 1], got {unassign_thres}")
+    check_novel_method(novel_method)
+    use_canal = novel_type and novel_method == "canal"
     annotator = (model_path if isinstance(model_path, Annotator)
                  else load_annotator(model_path, label_dict=label_dict, novel_type=novel_type))
     adata = adata.copy() if copy else adata
@@ -356,14 +399,29 @@ def annotate(
     # The transformer reads bins (whole numbers), which the log2(1 + CP10K) check would call counts.
     X = adata.X if annotator.ckpt.model_type == "transformer" else check_expression(adata.X, name="the AnnData's X")
     predictions = predict_cells(annotator.model, X, batch_size=batch_size, device=device, amp=amp,
-                                embeddings=embeddings, ctx=ctx, progress=progress)
+                                embeddings=embeddings, ctx=ctx, progress=progress, first_hidden=use_canal)
+    novelty = (canal_novel_cells(annotator.model, predictions, temperature=novel_temperature, seed=seed)
+               if use_canal else None)
     write_annotations(adata, predictions, annotator.classes, novel_type=novel_type, unassign_thres=unassign_thres,
+                      novelty=novelty,
                       params=annotation_params(annotator, novel_type=novel_type, unassign_thres=unassign_thres,
+                                               novel_method=novel_method if novel_type else None,
                                                batch_size=batch_size, amp=amp, device=device, embeddings=embeddings,
                                                label_dict=label_dict, label_key=label_key))
     if label_key is not None:
         score_annotations(adata, label_key, annotator.classes, novel_type=novel_type)
     return adata
+
+
+def check_novel_method(novel_method: str, *, attention: str = "none") -> None:
+    """A known --novel_method; "canal" calls novel cells only once every cell is predicted, so it cannot feed the
+    per-label attention means that are reduced while predicting."""
+    if novel_method not in NOVEL_METHODS:
+        raise ScbertError(f"--novel_method {novel_method!r} is not known: pass one of {', '.join(NOVEL_METHODS)}")
+    if novel_method == "canal" and attention != "none":
+        raise ScbertError("--attention groups cells by label while predicting, before --novel_method canal can call "
+                          "novel cells (its threshold needs every cell): use --novel_method threshold with "
+                          "--attention, or --attention none")
 
 
 EMBEDDING_TEXT = "mean of final-norm encodings over expressed genes"

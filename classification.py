@@ -30,6 +30,7 @@ from distributed import DistContext, print0
 from label_io import write_label_files
 from metrics import classification_metrics, plot_confusion, write_confusion_csv
 from models import parse_block_spec
+from performer_pytorch import BlockLinear
 from performer_pytorch.checkpoint import read_checkpoint_file
 from run_state import RunSettings, named_checkpoint_path, resolve_resume, save_training_checkpoint
 from training import Run, fit, resolve_log_path, start_run
@@ -184,7 +185,10 @@ def last_linear(head: nn.Module) -> tuple[nn.Module, str, nn.Linear]:
 
 def grow_head(model: nn.Module, n_new: int) -> nn.Module:
     """Add `n_new` class outputs to the model's head: its last Linear gets n_new more rows, the old rows (weights and
-    biases) copied, the new ones freshly initialised as a new Linear would be. Old logits are unchanged."""
+    biases) copied bit for bit, the new ones freshly initialised as a new Linear would be (from torch's global
+    generator). The grown layer is a `BlockLinear` computing each growth's rows as their own product, so the old
+    classes' logits are bit-identical until training changes the weights; the head's config records the blocks, so
+    a rebuilt checkpoint computes them the same way."""
     if n_new < 0:
         raise ValueError(f"n_new must be >= 0, got {n_new}")
     head = model.head
@@ -193,8 +197,9 @@ def grow_head(model: nn.Module, n_new: int) -> nn.Module:
     if n_new == 0:
         return model
     parent, attr, old = last_linear(head)
-    new = nn.Linear(old.in_features, old.out_features + n_new, bias=old.bias is not None)
-    new = new.to(device=old.weight.device, dtype=old.weight.dtype)
+    blocks = [*getattr(old, "blocks", [old.out_features]), n_new]
+    new = BlockLinear(old.in_features, blocks, bias=old.bias is not None, device=old.weight.device,
+                      dtype=old.weight.dtype)
     with torch.no_grad():
         new.weight[: old.out_features] = old.weight
         if old.bias is not None:
@@ -206,6 +211,7 @@ def grow_head(model: nn.Module, n_new: int) -> nn.Module:
     config = getattr(head, "config", None)
     if isinstance(config, dict) and "n_classes" in config:
         config["n_classes"] = new.out_features  # so the checkpoint's head description rebuilds the grown head
+        config["class_blocks"] = list(new.blocks)
     return model
 
 

@@ -222,6 +222,7 @@ class ScbertPerformer(PerformerLM):
 
     model_type = "performer"
     HEAD_H_DIM = 128  # SPEC section 2: the head's Linear(512, 128)
+    HEAD_HIDDEN = 512
 
     @property
     def vocab(self) -> BinVocab:
@@ -276,10 +277,12 @@ class ScbertPerformer(PerformerLM):
     def head(self) -> nn.Module | None:
         return self.to_out
 
-    def attach_head(self, n_classes: int, *, h_dim: int = HEAD_H_DIM, dropout: float = 0.0) -> ScbertPerformer:
-        """Replace `to_out` by a freshly initialised scBERT classification head for `n_classes`."""
+    def attach_head(self, n_classes: int, *, h_dim: int = HEAD_H_DIM, hidden: int = HEAD_HIDDEN,
+                    dropout: float = 0.0) -> ScbertPerformer:
+        """Replace `to_out` by a freshly initialised scBERT classification head for `n_classes` (widths: the first
+        hidden layer `hidden`, the penultimate `h_dim`; CANAL narrows them to 128 and 64)."""
         self.to_out = ClassificationHead(seq_len=self.config["max_seq_len"], dim=self.config["dim"],
-                                         n_classes=int(n_classes), h_dim=h_dim, dropout=dropout)
+                                         n_classes=int(n_classes), h_dim=h_dim, hidden=hidden, dropout=dropout)
         return self
 
     def classify(self, batch: dict[str, torch.Tensor], return_hidden: bool = False):

@@ -32,13 +32,17 @@ from typing import Any
 import pandas as pd
 import torch
 
+import canal
 from annotate import (
     EMBEDDING_HELP,
+    NOVEL_METHODS,
     Annotator,
     AttentionSink,
     Predictions,
     annotation_params,
+    canal_novel_cells,
     check_model_flags,
+    check_novel_method,
     check_query,
     load_annotator,
     predict_cells,
@@ -68,6 +72,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--unassign_thres", type=float, default=0.5,
                         help="top-probability threshold for --novel_type True, in [0, 1] (default: %(default)s, "
                         "as published)")
+    parser.add_argument("--novel_method", choices=list(NOVEL_METHODS), default="threshold",
+                        help="how --novel_type True calls novel cells: threshold (published: top probability below "
+                        "--unassign_thres) or canal (CANAL: energy and confidence against a threshold set by virtual "
+                        "outliers mixed from the query's cells; seeded by --seed; see canal.py)")
+    parser.add_argument("--novel_temperature", type=float, default=canal.TEMPERATURE,
+                        help="energy temperature of --novel_method canal (CANAL: %(default)s)")
     parser.add_argument("--bin_num", type=int, default=None,
                         help="expression bins (published: 5); default: from the checkpoint, which it must match")
     parser.add_argument("--gene_num", type=int, default=None,
@@ -190,7 +200,7 @@ def _predict(args, ctx: DistContext, annotator: Annotator, adata, paths: dict[st
         predictions = predict_cells(
             annotator.model, adata.X, batch_size=args.batch_size, device=ctx.device, amp=args.amp,
             embeddings=args.embeddings, attention_layer=args.attention_layer if sink else None, on_attention=sink,
-            progress=ctx.is_main, ctx=ctx,
+            progress=ctx.is_main, ctx=ctx, first_hidden=_uses_canal(args),
         )
     except BaseException:
         if sink is not None:
@@ -226,12 +236,17 @@ def _write_outputs(args, adata, annotator: Annotator, predictions: Predictions, 
     return metrics
 
 
+def _uses_canal(args: argparse.Namespace) -> bool:
+    return bool(args.novel_type) and args.novel_method == "canal"
+
+
 def main(argv: Sequence[str] | None = None) -> PredictResult:
     args = get_args_parser().parse_args(argv)
     if not 0.0 <= args.unassign_thres <= 1.0:
         raise ScbertError(f"--unassign_thres must be a probability in [0, 1], got {args.unassign_thres}")
     if args.batch_size < 1:
         raise ScbertError(f"--batch_size must be at least 1, got {args.batch_size}")
+    check_novel_method(args.novel_method, attention=args.attention if args.novel_type else "none")
     paths = output_paths(args)
     ctx = setup_distributed(args, device=args.device)
     try:
@@ -241,11 +256,18 @@ def main(argv: Sequence[str] | None = None) -> PredictResult:
         params = annotation_params(
             annotator, data_path=os.path.abspath(args.data_path), novel_type=bool(args.novel_type),
             unassign_thres=float(args.unassign_thres), seed=int(args.seed), batch_size=int(args.batch_size),
+            novel_method=args.novel_method if args.novel_type else None,
             amp=args.amp, device=ctx.device, label_dict=args.label_dict, label_key=args.label_key,
             embeddings=args.embeddings, attention=args.attention,
             attention_layer=int(args.attention_layer) if args.attention != "none" else None)
+        novelty = None
+        if _uses_canal(args):
+            novelty = canal_novel_cells(annotator.model, predictions, temperature=args.novel_temperature,
+                                        seed=args.seed)
+            print0(f"novel cells (CANAL): threshold {novelty.threshold:.4f}, {int(novelty.novel.sum())} of "
+                   f"{adata.n_obs} cells above it", ctx=ctx, file=sys.stderr)
         write_annotations(adata, predictions, annotator.classes, novel_type=args.novel_type,
-                          unassign_thres=args.unassign_thres, params=params)
+                          unassign_thres=args.unassign_thres, params=params, novelty=novelty)
         if sink is not None:
             sink.finish(adata.var_names, paths["attention"], paths.get("attention_cells"))
         metrics = _write_outputs(args, adata, annotator, predictions, paths) if ctx.is_main else None

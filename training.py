@@ -481,7 +481,8 @@ def start_run(
             dataset.vocab = model.vocab  # cells become the family's batch entries
     seed_everything(args.seed, ctx.rank)
     model = wrap_model(model, ctx, seed=args.seed)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
+                                 amsgrad=bool(getattr(args, "amsgrad", False)))  # continual.py: CANAL's amsgrad
     scheduler = make_scheduler(optimizer) if make_scheduler else build_scheduler(optimizer, args.learning_rate)
     run = Run(args=args, ctx=ctx, model=model, optimizer=optimizer, scheduler=scheduler, amp=amp, genes=list(genes),
               classes=list(classes) if classes is not None else None,

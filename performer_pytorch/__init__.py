@@ -11,6 +11,7 @@ from .checkpoint import (
 from .errors import ScbertError
 from .fast_attention import fast_path_enabled, plain_attention
 from .performer_pytorch import (
+    BlockLinear,
     ClassificationHead,
     FastAttention,
     Gene2VecPositionalEmbedding,
@@ -30,6 +31,7 @@ __all__ = [
     "checkpoint_payload",
     "load_checkpoint",
     "save_checkpoint",
+    "BlockLinear",
     "ClassificationHead",
     "FastAttention",
     "Gene2VecPositionalEmbedding",

@@ -37,7 +37,8 @@ class Checkpoint:
     """What a checkpoint file holds, normalised.
 
     state_dict: model tensors, prefixes stripped. config: PerformerLM keyword arguments. head: {"type": "lm"},
-    {"type": "classifier", "n_classes", "h_dim", "hidden", "seq_len", "dim", "dropout"} or None (no `to_out`).
+    {"type": "classifier", "n_classes", "h_dim", "hidden", "seq_len", "dim", "dropout"[, "class_blocks"]} or None
+    (no `to_out`); "class_blocks" only for a head grown over continual stages.
     genes: reference gene list or None (reference-format files carry none). classes: class names or None.
     payload: the whole loaded dict (epoch, optimiser state, ...). source: "scbert" (ours) or "reference".
     model_type: the model family that rebuilds these weights (`models.load_model` dispatches on it).
@@ -219,6 +220,7 @@ def make_head(head: dict[str, Any] | None, config: dict[str, Any]) -> torch.nn.M
             h_dim=head.get("h_dim", 128),
             hidden=head.get("hidden", 512),
             dropout=head.get("dropout", 0.0),
+            class_blocks=head.get("class_blocks"),
         )
     raise CheckpointError(f"unknown head type {head['type']!r} in the checkpoint: it was not written by this project")
 

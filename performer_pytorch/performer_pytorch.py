@@ -30,7 +30,7 @@ rounding (tests/test_fast_path.py).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -552,19 +552,59 @@ class Gene2VecPositionalEmbedding(nn.Module):
         return self.emb.weight[:n]
 
 
+class BlockLinear(nn.Linear):
+    """An nn.Linear whose output rows come in blocks (one per continual stage that added classes), each computed as its
+    own matrix product; `blocks` sums to out_features. One block is exactly nn.Linear.
+
+    Why: one product over more rows is not bit for bit the same as over the old rows (BLAS blocks the product by the
+    number of rows and by memory alignment; differences of ~1e-6 seen on a CPU), so growing a head with a plain
+    wider Linear would move the old classes' logits before any training. Each block is multiplied from a fresh,
+    aligned copy of its rows, as when it was the whole layer. Parameters and state-dict keys are nn.Linear's.
+    """
+
+    def __init__(self, in_features: int, blocks: Sequence[int], *, bias: bool = True, device=None, dtype=None):
+        blocks = tuple(int(b) for b in blocks)
+        if not blocks or min(blocks) < 1:
+            raise ValueError(f"blocks must be positive row counts, got {list(blocks)}")
+        super().__init__(in_features, sum(blocks), bias=bias, device=device, dtype=dtype)
+        self.blocks = blocks
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in_features) -> (..., out_features)."""
+        if len(self.blocks) == 1:
+            return F.linear(x, self.weight, self.bias)
+        outputs, start = [], 0
+        for size in self.blocks:
+            weight = self.weight[start : start + size].clone()  # (size, in_features), freshly allocated
+            bias = self.bias[start : start + size].clone() if self.bias is not None else None
+            outputs.append(F.linear(x, weight, bias))
+            start += size
+        return torch.cat(outputs, dim=-1)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, blocks={self.blocks}, bias={self.bias is not None}"
+
+
 class ClassificationHead(nn.Module):
     """scBERT's cell-type head (called `Identity` in the reference), attached as `PerformerLM.to_out`.
 
     Per gene: a 1 x dim convolution (a learned linear read-out of each gene's encoding) and ReLU, giving one value per
     gene; then an MLP over the seq_len values: Linear(seq_len, 512) -> ReLU -> dropout -> Linear(512, h_dim) -> ReLU
     -> dropout -> Linear(h_dim, n_classes). Input (batch, seq_len, dim) encodings; output (batch, n_classes) logits.
+    class_blocks: a head grown over continual stages computes its last layer in these blocks of rows (`BlockLinear`),
+    so a rebuilt model gives bit for bit the logits it was trained with; None: one plain Linear.
     """
 
     def __init__(
-        self, *, seq_len: int, dim: int, n_classes: int, h_dim: int = 128, hidden: int = 512, dropout: float = 0.0
+        self, *, seq_len: int, dim: int, n_classes: int, h_dim: int = 128, hidden: int = 512, dropout: float = 0.0,
+        class_blocks: Sequence[int] | None = None,
     ):
         super().__init__()
         self.config = dict(seq_len=seq_len, dim=dim, n_classes=n_classes, h_dim=h_dim, hidden=hidden, dropout=dropout)
+        if class_blocks is not None and len(class_blocks) > 1:
+            if sum(class_blocks) != n_classes:
+                raise ValueError(f"class_blocks {list(class_blocks)} do not add up to n_classes {n_classes}")
+            self.config["class_blocks"] = [int(b) for b in class_blocks]
         self.conv1 = nn.Conv2d(1, 1, (1, dim))
         self.act = nn.ReLU()
         self.fc1 = nn.Linear(seq_len, hidden)
@@ -573,7 +613,7 @@ class ClassificationHead(nn.Module):
         self.fc2 = nn.Linear(hidden, h_dim)
         self.act2 = nn.ReLU()
         self.dropout2 = nn.Dropout(dropout)
-        self.fc3 = nn.Linear(h_dim, n_classes)
+        self.fc3 = BlockLinear(h_dim, class_blocks) if "class_blocks" in self.config else nn.Linear(h_dim, n_classes)
 
     def gene_scores(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, seq_len, dim) -> (batch, seq_len): the convolution, computed as the linear map it is."""
