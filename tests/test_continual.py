@@ -54,6 +54,7 @@ def arrival_order(stage_paths):
     return order
 
 
+@pytest.mark.slow
 def test_three_stage_stream_ends_with_the_union_of_classes_in_arrival_order(stream, tmp_path):
     stages, tests = stream["stages"], stream["tests"]
     continual.main(["--data_path", *stages[:2], "--model_path", stream["pretrained"], "--test_path", *tests,
@@ -104,6 +105,7 @@ def test_three_stage_stream_ends_with_the_union_of_classes_in_arrival_order(stre
                       "--novel_method", "canal", "--attention", "type", "--out_path", str(tmp_path / "q2.h5ad")])
 
 
+@pytest.mark.slow
 def test_a_killed_stage_resumes_and_earlier_stages_are_not_trained_again(stream, tmp_path, monkeypatch):
     stages = stream["stages"][:2]
     argv = ["--data_path", *stages, "--model_path", stream["pretrained"], *flags(tmp_path, "--epoch", 2,
@@ -142,6 +144,7 @@ def test_a_killed_stage_resumes_and_earlier_stages_are_not_trained_again(stream,
     assert torch.equal(a["labels"], b["labels"]) and torch.equal(a["data"], b["data"])
 
 
+@pytest.mark.slow
 def test_baselines_share_the_table(stream, tmp_path):
     stages, tests = stream["stages"][:2], stream["tests"][:2]
     table = continual.main(["--data_path", *stages, "--model_path", stream["pretrained"], "--test_path", *tests,
