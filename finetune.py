@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from head_health import HeadWatch, handle_dead_head, start_head_alive
 from label_io import write_label_files
 from performer_pytorch import ClassificationHead, PerformerLM, build_model, load_checkpoint
 from performer_pytorch.checkpoint import read_checkpoint_file
@@ -276,6 +277,7 @@ def attach_head(model: PerformerLM, n_classes: int) -> PerformerLM:
     config = model.config
     model.to_out = ClassificationHead(seq_len=config["max_seq_len"], dim=config["dim"], n_classes=n_classes,
                                       h_dim=HEAD_H_DIM, dropout=0.0)
+    model.to_out.reset_gene_scorer()  # a scorer that starts alive whatever the encodings (see its docstring)
     return model
 
 
@@ -548,7 +550,7 @@ def finetune_split(
     criterion = build_criterion(args, labels[train_idx], len(classes)).to(ctx.device)
     stopper = EarlyStopping(args.patience)
     best_metrics: dict[str, Any] | None = None
-    stopped, start_epoch = False, 1
+    stopped, start_epoch, revivals = False, 1, 0
     if resume_path:
         payload = restore_training_state(resume_path, model=model, ctx=ctx, genes=genes, optimizer=optimizer,
                                          scheduler=scheduler, amp=amp)
@@ -561,6 +563,7 @@ def finetune_split(
         if state.get("early_stopping"):
             stopper.load_state_dict(state["early_stopping"])
         best_metrics, stopped = state.get("best_metrics"), bool(state.get("stopped"))
+        revivals = int(state.get("head_revivals", 0))
         start_epoch = int(payload["epoch"]) + 1
         if best_metrics is not None and best_metrics["epoch"] == payload["epoch"] and not _best_is_at(
             best_path, payload["epoch"]
@@ -578,6 +581,8 @@ def finetune_split(
                                 num_workers=args.num_workers, sampler=sampler)
     valid_loader = build_loader(valid_set, batch_size=args.batch_size, ctx=ctx, train=False,
                                 num_workers=args.num_workers)
+    if resume_path is None:
+        start_head_alive(model, train_set)  # every gene score starts positive (head_health.py)
     if stopped or start_epoch > args.epoch:
         print0(f"run {name!r} is already complete ({'stopped early' if stopped else 'all epochs done'} after epoch "
                f"{start_epoch - 1}): rewriting its metrics files; pass another --model_name to train again", ctx=ctx)
@@ -602,12 +607,18 @@ def finetune_split(
         if fold is not None:
             record["fold"] = fold
         if epoch % args.valid_every == 0 or epoch == args.epoch:
-            valid = evaluate(model, valid_loader, _valid_step, ctx=ctx, amp=amp)
+            with HeadWatch(model) as watch:
+                valid = evaluate(model, valid_loader, _valid_step, ctx=ctx, amp=amp)
+            health = watch.result()
             metrics = classification_metrics(valid["label"].numpy(), valid["pred"].numpy(), classes)
-            improved = stopper.update(metrics["accuracy"], epoch)
+            improved = not health.dead and stopper.update(metrics["accuracy"], epoch)  # never a constant model
+            if health.dead:
+                revivals = handle_dead_head(model, optimizer, health, epoch=epoch, revivals=revivals,
+                                            log=lambda line: print0(line, ctx=ctx), dataset=train_set)
             record.update({"valid_loss": valid["loss_sum"] / max(valid["cells"], 1),
                            "valid_acc": metrics["accuracy"], "valid_macro_f1": metrics["macro_f1"],
-                           "valid_cells": int(valid["cells"]), "valid_time": valid["time"], "best": improved})
+                           "valid_cells": int(valid["cells"]), "valid_time": valid["time"], "best": improved,
+                           "gene_scores_positive": health.positive_share, "head_dead": health.dead})
             if improved:
                 best_metrics = {"epoch": epoch, **metrics}
             stopped = stopper.should_stop
@@ -616,7 +627,7 @@ def finetune_split(
         # this epoch complete and rewrites the best checkpoint from the same weights (see _restore_best).
         path = epoch_checkpoint_path(ckpt_dir, name, epoch)
         state = {"early_stopping": stopper.state_dict(), "best_metrics": best_metrics, "stopped": stopped,
-                 "unfreeze_layers": args.unfreeze_layers}
+                 "unfreeze_layers": args.unfreeze_layers, "head_revivals": revivals}
         save_training_checkpoint(path, model=model, ctx=ctx, genes=genes, epoch=epoch, optimizer=optimizer,
                                  scheduler=scheduler, amp=amp, classes=classes, args=args, losses=train["loss"],
                                  finetune_state=state)
