@@ -82,15 +82,17 @@ def log_normalise(counts: sp.spmatrix | np.ndarray, *, copy: bool = True) -> sp.
     return X
 
 
-def _first_occurrences(names: Sequence[str | None]) -> np.ndarray:
-    """Positions of the first occurrence of each non-None name, in input order."""
-    seen: set[str] = set()
-    keep = []
+def _first_occurrences(names: Sequence[str | None], preferred: Sequence[bool] | None = None) -> np.ndarray:
+    """Positions of one occurrence of each non-None name, in input order: the first one, or the first `preferred`
+    one where there is one (the column already named as the current symbol, as preprocess.py keeps)."""
+    chosen: dict[str, int] = {}
     for i, name in enumerate(names):
-        if name is not None and name not in seen:
-            seen.add(name)
-            keep.append(i)
-    return np.asarray(keep, dtype=np.int64)
+        if name is None:
+            continue
+        j = chosen.get(name)
+        if j is None or (preferred is not None and preferred[i] and not preferred[j]):
+            chosen[name] = i
+    return np.asarray(sorted(chosen.values()), dtype=np.int64)
 
 
 def read_expression(path: str, *, table=None) -> tuple[sp.csr_matrix, list[str], dict]:
@@ -99,7 +101,8 @@ def read_expression(path: str, *, table=None) -> tuple[sp.csr_matrix, list[str],
     `preprocess.py` output (`uns["scbert_preprocess"]`) is used as it is: its genes are already revised reference
     symbols. Otherwise integer-valued X is taken for counts and log-normalised; non-integer, non-negative X is taken
     for log-normalised expression (Pearson r does not depend on the log base); and the symbols are revised against
-    NCBI Gene (`genes.revise_symbols`), dropping unknown ones and keeping the first of duplicated ones.
+    NCBI Gene (`genes.revise_symbols`), dropping unknown ones; of names revised to one symbol, the one already
+    current wins, else the first (as preprocess.py).
 
     Returns (X float32 CSC (cells, genes), the layout the pair search reads, so it needs no copy of its own; gene
     symbols; info dict with `kind`, `cells`, `genes_in`, `genes`).
@@ -135,7 +138,7 @@ def read_expression(path: str, *, table=None) -> tuple[sp.csr_matrix, list[str],
         else:
             info["kind"] = "log-normalised"
         revised, _report = revise_symbols(names, table)
-        keep = _first_occurrences(revised)
+        keep = _first_occurrences(revised, [new == name for new, name in zip(revised, names, strict=True)])
         names = [str(s) for s in revised]
     if keep.size == 0:
         raise ScbertError(f"no gene symbol of {path} is a known gene; pass a file whose var_names are gene symbols")
@@ -456,14 +459,13 @@ def text_vectors_bytes(vectors: Mapping[str, np.ndarray]) -> bytes:
 
 
 def revise_vector_symbols(vectors: Mapping[str, np.ndarray], *, table=None) -> tuple[dict[str, np.ndarray], dict]:
-    """Rename vectors to current NCBI symbols (as `preprocess.py` revises var_names), dropping unknown symbols and
-    keeping the first vector of symbols that revise to the same gene. Returns (vectors, report dict)."""
+    """Rename vectors to current NCBI symbols (as `preprocess.py` revises var_names), dropping unknown symbols; of
+    symbols that revise to the same gene, the one already current wins, else the first. Returns (vectors, report
+    dict)."""
     names = list(vectors)
     revised, _report = revise_symbols(names, table)
-    out: dict[str, np.ndarray] = {}
-    for name, new in zip(names, revised, strict=True):
-        if new is not None and new not in out:
-            out[str(new)] = vectors[name]
+    keep = _first_occurrences(revised, [new == name for new, name in zip(revised, names, strict=True)])
+    out = {str(revised[i]): vectors[names[i]] for i in keep}
     unknown = sum(new is None for new in revised)
     report = {"genes_in": len(names), "genes_unknown": unknown, "genes_duplicated": len(names) - unknown - len(out),
               "genes_renamed": sum(new is not None and new != name for name, new in zip(names, revised, strict=True))}

@@ -41,6 +41,8 @@ ENSEMBL_GENE_RE = re.compile(r"^(ENS[A-Z]*G\d{11})(?:\.\d+)?(?:_PAR_Y)?$")
 
 # Status of one name after revision (see the module docstring).
 CURRENT, SYNONYM, ENSEMBL, CASE, AMBIGUOUS, UNKNOWN = "current", "synonym", "ensembl", "case", "ambiguous", "unknown"
+# A name that could not be revised, revised instead by the Ensembl id beside it (preprocess.py's --id_column).
+BY_ID = "ensembl_column"
 
 
 class GeneTable:
@@ -138,6 +140,16 @@ class GeneTable:
         if upper in self._upper_current:
             return _pick(self._upper_current[upper], CASE)
         return _pick(self._upper_synonym.get(upper), CASE)
+
+    def classify_id(self, value: object) -> str | None:
+        """The current symbol of the one gene carrying this Ensembl gene id, or None (not an id, unknown, or carried
+        by genes with different symbols)."""
+        if not isinstance(value, str):
+            return None
+        match = ENSEMBL_GENE_RE.match(value.strip())
+        if not match:
+            return None
+        return _pick(self.ensembl_to_current.get(match.group(1)), ENSEMBL)[0]
 
 
 def _pick(targets: tuple[str, ...] | None, status: str) -> tuple[str | None, str]:
