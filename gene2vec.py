@@ -563,8 +563,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help="convert this Gene2vec text release (a symbol then its vector per line; a word2vec "
                         "header line is allowed) instead of training")
     parser.add_argument("--ref", default=None,
-                        help="reference gene list as in preprocess.py: a checkpoint, an .h5ad (its var_names) or a "
-                        "text file of symbols; default: the protein-coding list in data/")
+                        help="reference gene list as in preprocess.py: panglao (the published checkpoint's genes), "
+                        "a checkpoint, an .h5ad (its var_names) or a text file of symbols; default: the "
+                        "protein-coding list in data/")
     parser.add_argument("--out_path", required=True,
                         help=".npy to write: float32 (n_reference_genes, dim) in reference order, for "
                         "pretrain.py --gene2vec_path")

@@ -1,7 +1,7 @@
 """Raw counts -> scBERT's input: revised gene symbols, aligned to the reference genes, log2(1 + CP10K).
 
     python preprocess.py --data_path pbmc.h5ad                 # default reference: NCBI protein-coding genes
-    python preprocess.py --data_path filtered_feature_bc_matrix/ --ref panglao_10000.h5ad --out_path pbmc_pp.h5ad
+    python preprocess.py --data_path filtered_feature_bc_matrix/ --ref panglao --out_path pbmc_pp.h5ad  # published
 
 Steps (SPEC section 1), each vectorised on sparse matrices:
 1. read counts: `.h5ad` (X, a layer, or `.raw`: `--counts_from`), a 10x folder (`matrix.mtx(.gz)`, `features.tsv(.gz)`
@@ -836,8 +836,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument(
         "--ref",
         default=None,
-        help="reference genes: a checkpoint (.pth), an .h5ad (its var_names, e.g. panglao_10000.h5ad) "
-        "or a text file, one symbol per line; default: NCBI human protein-coding genes (data/)",
+        help="reference genes: panglao (the published checkpoint's 16,906 genes in order, shipped in data/ and "
+        "hash-checked), a checkpoint (.pth; a published one without a gene list means panglao), an .h5ad (its "
+        "var_names, e.g. panglao_10000.h5ad) or a text file, one symbol per line; default: NCBI human "
+        "protein-coding genes (data/)",
     )
     parser.add_argument("--out_path", default=None, help="output .h5ad (default: <input>_preprocessed.h5ad)")
     parser.add_argument(

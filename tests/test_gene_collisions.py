@@ -161,3 +161,28 @@ def test_a_pbmc3k_like_file_aligns_gene_for_gene(table):
     np.testing.assert_array_equal(out.X.toarray(), expected)
     assert summary["genes_revised_by_id"] >= 40 and summary["genes_collisions_current_won"] >= 50
     assert list(out.var_names) == reference
+
+
+def test_ref_panglao_gives_the_published_16906_columns_in_order(table, tmp_path):
+    from genes import PANGLAO_REFERENCE, read_panglao_genes, read_reference_genes
+
+    shipped = open(PANGLAO_REFERENCE, encoding="utf-8").read().splitlines()
+    genes = read_reference_genes("panglao")
+    assert genes == shipped and len(genes) == 16906 and genes[:2] == ["A1BG", "A1CF"] and genes[-1] == "ZBED1"
+    rng = np.random.default_rng(0)
+    names = [genes[i] for i in rng.choice(len(genes), 300, replace=False)] + ["NOT-A-GENE"]
+    counts = rng.poisson(2.0, size=(5, len(names))).astype(np.float32)
+    path = tmp_path / "cells.h5ad"
+    raw(counts, names).write_h5ad(path)
+    summary = preprocess.main(["--data_path", str(path), "--ref", "panglao", "--min_genes", "0",
+                               "--out_path", str(tmp_path / "out.h5ad")])
+    out = ad.read_h5ad(tmp_path / "out.h5ad")
+    assert out.shape == (5, 16906) and list(out.var_names) == shipped and summary["reference_covered"] == 300
+    column = {g: j for j, g in enumerate(shipped)}
+    expected = np.log2(1 + counts[:, :300] * 1e4 / counts[:, :300].sum(axis=1, keepdims=True))
+    np.testing.assert_allclose(out.X.toarray()[:, [column[g] for g in names[:300]]], expected, rtol=1e-5)
+
+    damaged = tmp_path / "panglao.txt"
+    damaged.write_text("\n".join(shipped[:-2] + [shipped[-1], shipped[-2]]) + "\n")  # two genes swapped
+    with pytest.raises(Exception, match="is not the published gene list .* restore it from git"):
+        read_panglao_genes(str(damaged))
