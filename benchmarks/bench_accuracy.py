@@ -66,7 +66,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="fine-tuning epochs (10, half the demo's 20, so that 4 variants x 5 folds fit in 20 "
                         "minutes on 2 cores; the warm-up ends at epoch 5)")
     parser.add_argument("--workers", type=int, default=2, help="processes, one thread each (2: one per core)")
-    parser.add_argument("--out_dir", default=None, help="keep every file here (default: a temporary folder)")
+    parser.add_argument("--out_dir", default=None,
+                        help="keep every file here (default: a temporary folder); rerunning with the same folder "
+                        "and settings reuses the pretrainings and folds already finished there")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     return parser
 
@@ -88,6 +90,10 @@ def _quiet_call(log_path: str, module: str, argv: list[str]):
 def _pretrain_job(job: dict) -> dict:
     start = time.perf_counter()
     out = Path(job["dir"])
+    if (out / f"pretrain_{job['epochs']}.pth").exists():  # a finished pretraining in --out_dir is reused
+        return {"variant": job["variant"], "seconds": 0.0}
+    for stale in out.glob("pretrain_*"):  # an interrupted one starts over
+        stale.unlink()
     argv = ["--data_path", job["data"], "--gene_num", str(job["genes"]), *SIZE, "--epoch", str(job["epochs"]),
             *TRAIN, "--seed", str(SEED), "--ckpt_dir", str(out), "--model_name", "pretrain", "--resume", "False"]
     if job["gene2vec"] is None:
@@ -106,21 +112,28 @@ def _fold_job(job: dict) -> dict:
     start = time.perf_counter()
     out = Path(job["dir"])
     pretrained = str(Path(job["pretrain_dir"]) / f"pretrain_{job['pretrain_epochs']}.pth")
+    pred = str(out / "test_predictions.h5ad")
+    if not os.path.exists(pred):  # else a finished fold in --out_dir is reused
+        for stale in out.glob("finetune*"):
+            stale.unlink()
+        _finetune_and_predict(job, out, pretrained, pred)
+    import anndata as ad
+
+    predicted = np.asarray(ad.read_h5ad(pred).obs["scbert_celltype"]).astype(str)
+    return {"variant": job["variant"], "fold": job["fold"], "pred": predicted.tolist(),
+            "seconds": time.perf_counter() - start}
+
+
+def _finetune_and_predict(job: dict, out: Path, pretrained: str, pred: str) -> None:
     argv = ["--data_path", job["train"], "--label_key", LABEL_KEY, "--model_path", pretrained,
             "--gene_num", str(job["genes"]), *SIZE, "--epoch", str(job["epochs"]), *TRAIN, "--seed", str(SEED),
             "--ckpt_dir", str(out), "--model_name", "finetune", "--resume", "False"]
     if job["variant"] == "none":
         argv += ["--pos_embed", "False"]
     _quiet_call(str(out / "finetune.log"), "finetune", argv)
-    pred = str(out / "test_predictions.h5ad")
     _quiet_call(str(out / "predict.log"), "predict", [
         "--data_path", job["test"], "--model_path", str(out / "finetune_best.pth"), "--novel_type", "False",
         "--out_path", pred, "--overwrite", "True"])
-    import anndata as ad
-
-    predicted = np.asarray(ad.read_h5ad(pred).obs["scbert_celltype"]).astype(str)
-    return {"variant": job["variant"], "fold": job["fold"], "pred": predicted.tolist(),
-            "seconds": time.perf_counter() - start}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -211,7 +224,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     with context.Pool(args.workers) as pool:
         jobs = []
         for variant in args.variants:
-            folder = work / variant
+            folder = work / f"{variant}_pretrain{args.pretrain_epochs}"  # settings in the name: reuse is safe
             folder.mkdir(exist_ok=True)
             jobs.append({"variant": variant, "dir": str(folder), "data": data_path, "ref": ref_path,
                          "genes": data.n_vars, "epochs": args.pretrain_epochs, "gene2vec": VARIANTS[variant]})
@@ -221,10 +234,11 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         jobs = []
         for variant in args.variants:
             for k, (train_path, test_path) in enumerate(fold_files):
-                folder = work / variant / f"fold{k}"
+                pretrain_dir = work / f"{variant}_pretrain{args.pretrain_epochs}"
+                folder = pretrain_dir / f"fold{k}_of{args.folds}_finetune{args.finetune_epochs}"
                 folder.mkdir(exist_ok=True)
                 jobs.append({"variant": variant, "fold": k, "dir": str(folder), "train": train_path,
-                             "test": test_path, "pretrain_dir": str(work / variant), "genes": data.n_vars,
+                             "test": test_path, "pretrain_dir": str(pretrain_dir), "genes": data.n_vars,
                              "pretrain_epochs": args.pretrain_epochs, "epochs": args.finetune_epochs})
         results: dict[str, list] = {v: [None] * len(folds) for v in args.variants}
         for done in pool.imap_unordered(_fold_job, jobs):
