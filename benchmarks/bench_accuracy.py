@@ -70,6 +70,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="keep every file here (default: a temporary folder); rerunning with the same folder "
                         "and settings reuses the pretrainings and folds already finished there")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    parser.add_argument("--finished_only", action="store_true",
+                        help="with --out_dir: run nothing new, summarise the pretrainings and folds finished there "
+                        "(the table then says how many folds each row holds)")
     return parser
 
 
@@ -155,10 +158,12 @@ def logistic_regression(x_train, y_train, x_test) -> np.ndarray:
     return model.fit(x_train, y_train).predict(x_test)
 
 
-def summarise(per_fold: list[dict[str, float]]) -> dict:
-    out = {}
+def summarise(per_fold: list[dict[str, float] | None]) -> dict:
+    """Mean and standard deviation over the folds that ran (None: a fold not run, with --finished_only)."""
+    done = [fold for fold in per_fold if fold is not None]
+    out: dict = {"n_folds": len(done), "folds_run": [k for k, fold in enumerate(per_fold) if fold is not None]}
     for key in ("accuracy", "macro_f1"):
-        values = np.array([fold[key] for fold in per_fold])
+        values = np.array([fold[key] for fold in done]) if done else np.full(1, np.nan)
         out[key] = {"mean": float(values.mean()), "std": float(values.std()), "folds": values.round(4).tolist()}
     return out
 
@@ -228,6 +233,8 @@ def run(args: argparse.Namespace, work: Path) -> dict:
             folder.mkdir(exist_ok=True)
             jobs.append({"variant": variant, "dir": str(folder), "data": data_path, "ref": ref_path,
                          "genes": data.n_vars, "epochs": args.pretrain_epochs, "gene2vec": VARIANTS[variant]})
+        if args.finished_only:
+            jobs = [j for j in jobs if (Path(j["dir"]) / f"pretrain_{j['epochs']}.pth").exists()]
         for done in pool.imap_unordered(_pretrain_job, jobs):
             timings[f"pretrain {done['variant']}"] = done["seconds"]
             print(f"  pretrained {done['variant']} ({done['seconds']:.0f} s)", flush=True)
@@ -240,6 +247,8 @@ def run(args: argparse.Namespace, work: Path) -> dict:
                 jobs.append({"variant": variant, "fold": k, "dir": str(folder), "train": train_path,
                              "test": test_path, "pretrain_dir": str(pretrain_dir), "genes": data.n_vars,
                              "pretrain_epochs": args.pretrain_epochs, "epochs": args.finetune_epochs})
+        if args.finished_only:
+            jobs = [j for j in jobs if (Path(j["dir"]) / "test_predictions.h5ad").exists()]
         results: dict[str, list] = {v: [None] * len(folds) for v in args.variants}
         for done in pool.imap_unordered(_fold_job, jobs):
             test = np.sort(folds[done["fold"]][1])
@@ -262,11 +271,11 @@ def print_table(result: dict) -> None:
     print(f"pbmc68k_reduced, {result['cells']} cells x {result['genes']} genes, {result['folds']}-fold stratified CV "
           f"(seed {result['seed']}); demo-sized scBERT, pretrain {result['pretrain_epochs']} / fine-tune "
           f"{result['finetune_epochs']} epochs")
-    print(f"{'method':<44}{'accuracy':>20}{'macro-F1':>20}   per-fold accuracy")
+    print(f"{'method':<44}{'accuracy':>20}{'macro-F1':>20}   per-fold accuracy (folds)")
     for method, row in result["table"].items():
         acc, f1 = row["accuracy"], row["macro_f1"]
         print(f"{method:<44}{acc['mean']:>12.3f} +- {acc['std']:.3f}{f1['mean']:>12.3f} +- {f1['std']:.3f}   "
-              f"{' '.join(f'{v:.3f}' for v in acc['folds'])}")
+              f"{' '.join(f'{v:.3f}' for v in acc['folds'])} ({','.join(map(str, row['folds_run']))})")
     print(ANCHOR)
     print(f"total {result['total_s'] / 60:.1f} min")
     print("=" * 100)
