@@ -239,8 +239,9 @@ def run(args: argparse.Namespace, work: Path) -> dict:
             timings[f"pretrain {done['variant']}"] = done["seconds"]
             print(f"  pretrained {done['variant']} ({done['seconds']:.0f} s)", flush=True)
         jobs = []
-        for variant in args.variants:
-            for k, (train_path, test_path) in enumerate(fold_files):
+        # Fold by fold, so that an interrupted run has compared every variant on the same folds.
+        for k, (train_path, test_path) in enumerate(fold_files):
+            for variant in args.variants:
                 pretrain_dir = work / f"{variant}_pretrain{args.pretrain_epochs}"
                 folder = pretrain_dir / f"fold{k}_of{args.folds}_finetune{args.finetune_epochs}"
                 folder.mkdir(exist_ok=True)
