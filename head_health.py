@@ -27,7 +27,7 @@ from utils import ScbertError
 # A run whose head died this many times has a cause that restarting the scorer does not remove: it stops.
 MAX_REVIVALS = 2
 # Training cells whose encodings set the gene scorer's starting bias: enough for the spread of the scores, few
-# enough to cost seconds at full size (16,907 tokens, about 2 s per cell on a CPU core).
+# enough to cost about half a minute once per run at full size on a CPU (16,907 tokens, 2.2 s per cell, README).
 SAMPLE_CELLS = 16
 
 
