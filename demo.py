@@ -89,27 +89,22 @@ def logistic_baseline(train, query, label_key: str, seed: int) -> np.ndarray:
     return model.predict(query.X)
 
 
-def summarise(truth: np.ndarray, pred: np.ndarray, novel: str) -> dict[str, float]:
-    from sklearn.metrics import accuracy_score, f1_score
+def summarise(truth: np.ndarray, pred: np.ndarray, classes: Sequence[str]) -> dict[str, float]:
+    """The table's scores, by metrics.py's one definition: over the known-type cells (truth among the training
+    `classes`), accuracy and macro-F1 over the known types present; novel-type recall and known cells unassigned."""
+    from metrics import annotation_metrics
 
-    known = truth != novel
-    # Macro-F1 over the known types actually present; `Unassigned` is a call, not a class to average over.
-    classes = sorted(set(truth[known]))
-    out = {
-        "accuracy": accuracy_score(truth[known], pred[known]),
-        "macro_f1": f1_score(truth[known], pred[known], labels=classes, average="macro", zero_division=0),
-    }
-    if (~known).any():
-        out["novel_recall"] = float(np.mean(pred[~known] == "Unassigned"))
-    out["known_unassigned"] = float(np.mean(pred[known] == "Unassigned"))
+    scores, _ = annotation_metrics(truth, pred, classes, novel_type=False)
+    out = {"accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"]}
+    if scores["n_novel"]:
+        out["novel_recall"] = scores["novel_recall"]
+    out["known_unassigned"] = scores["known_unassigned_rate"]
     return out
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = get_args_parser().parse_args(argv)
     import anndata as ad
-
-    from preprocess import load_pbmc68k_counts
 
     out = os.path.abspath(args.out_dir)
     logs = os.path.join(out, "logs")
@@ -122,10 +117,45 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print(f"removing {len(earlier)} files of the previous demo run from {ckpts}")
         for path in earlier:
             os.remove(path)
-    py = sys.executable
     timings: dict[str, float] = {}
     label_key = "bulk_labels"
+    train_path, query_path, n_genes, genes_path = prepare_data(args, out, logs, timings, label_key)
+    pred_path = run_pipeline(args, out, logs, timings, train_path=train_path, query_path=query_path,
+                             n_genes=n_genes, genes_path=genes_path, label_key=label_key)
 
+    start = time.perf_counter()
+    train, query = ad.read_h5ad(train_path), ad.read_h5ad(query_path)
+    baseline_pred = logistic_baseline(train, query, label_key, args.seed)
+    timings["baseline"] = time.perf_counter() - start
+
+    truth = np.asarray(query.obs[label_key]).astype(str)
+    known_types = sorted(set(np.asarray(train.obs[label_key]).astype(str)))
+    scbert_pred = np.asarray(ad.read_h5ad(pred_path).obs["scbert_celltype"]).astype(str)
+    results = {
+        "scBERT": summarise(truth, scbert_pred, known_types),
+        "L1 logistic regression": summarise(truth, baseline_pred, known_types),
+        "timings_s": timings,
+        "cells": {"train": train.n_obs, "query": query.n_obs, "genes": n_genes},
+        "novel_type": args.novel_type,
+        "seed": args.seed,
+    }
+    with open(os.path.join(out, "demo_results.json"), "w") as fh:
+        json.dump(results, fh, indent=2)
+    print_table(results)
+    print(f"\nOutputs: {out} (checkpoints in ckpts/, predictions {os.path.basename(pred_path)} and .csv, "
+          "confusion-matrix PNG, logs/)")
+    return results
+
+
+def prepare_data(args, out: str, logs: str, timings: dict[str, float], label_key: str):
+    """The counts (optionally subsampled), the reference gene list, preprocess.py, and the train/query split.
+
+    Returns (train .h5ad path, query .h5ad path, number of genes, reference gene list path)."""
+    import anndata as ad
+
+    from preprocess import load_pbmc68k_counts
+
+    py = sys.executable
     start = time.perf_counter()
     counts = load_pbmc68k_counts()
     if args.n_cells and args.n_cells < counts.n_obs:
@@ -158,7 +188,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     n_genes = data.n_vars
     print(f"\n{data.n_obs} cells x {n_genes} genes; {len(train_idx)} training cells, {len(query_idx)} query cells "
           f"({int(np.sum(labels[query_idx] == args.novel_type))} of them {args.novel_type}, never seen in training)")
+    return train_path, query_path, n_genes, genes_path
 
+
+def run_pipeline(args, out: str, logs: str, timings: dict[str, float], *, train_path: str, query_path: str,
+                 n_genes: int, genes_path: str, label_key: str) -> str:
+    """gene2vec.py, pretrain.py, finetune.py and predict.py as a user runs them; returns the predictions' path."""
+    py = sys.executable
+    ckpts = os.path.join(out, "ckpts")
     g2v_path = os.path.join(out, "gene2vec.npy")
     run_stage("gene2vec", [py, "gene2vec.py", "--data_path", train_path, "--ref", genes_path, "--out_path", g2v_path,
                            "--dim", str(DEMO_MODEL["dim"]), "--epochs", str(args.gene2vec_epochs),
@@ -183,28 +220,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                           os.path.join(ckpts, "demo_finetune_best.pth"), "--novel_type", "True",
                           "--unassign_thres", str(args.unassign_thres), "--label_key", label_key,
                           "--out_path", pred_path, "--overwrite", "True"], timings, logs)
-
-    start = time.perf_counter()
-    train, query = ad.read_h5ad(train_path), ad.read_h5ad(query_path)
-    baseline_pred = logistic_baseline(train, query, label_key, args.seed)
-    timings["baseline"] = time.perf_counter() - start
-
-    truth = np.asarray(query.obs[label_key]).astype(str)
-    scbert_pred = np.asarray(ad.read_h5ad(pred_path).obs["scbert_celltype"]).astype(str)
-    results = {
-        "scBERT": summarise(truth, scbert_pred, args.novel_type),
-        "L1 logistic regression": summarise(truth, baseline_pred, args.novel_type),
-        "timings_s": timings,
-        "cells": {"train": len(train_idx), "query": len(query_idx), "genes": n_genes},
-        "novel_type": args.novel_type,
-        "seed": args.seed,
-    }
-    with open(os.path.join(out, "demo_results.json"), "w") as fh:
-        json.dump(results, fh, indent=2)
-    print_table(results)
-    print(f"\nOutputs: {out} (checkpoints in ckpts/, predictions {os.path.basename(pred_path)} and .csv, "
-          "confusion-matrix PNG, logs/)")
-    return results
+    return pred_path
 
 
 def write_reference_genes(var_names: Sequence[str], path: str) -> None:

@@ -40,7 +40,7 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from genes import load_gene_table, read_reference_genes, revise_symbols
-from utils import PREPROCESS_UNS_KEY, ScbertError, atomic_write_bytes, run_cli, str2bool
+from utils import PREPROCESS_UNS_KEY, ScbertError, atomic_write_bytes, first_fractional, run_cli, str2bool
 
 # Pearson r over log-normalised cells. Gene2vec kept only strongly co-expressed pairs of bulk samples; single-cell
 # correlations are attenuated by sampling noise (dropouts), so a bulk-strict cut-off keeps almost nothing. r >= 0.3
@@ -84,10 +84,10 @@ def log_normalise(counts: sp.spmatrix | np.ndarray, *, copy: bool = True) -> sp.
     counts: (cells, genes) raw counts; with `copy=False` a float32 CSR input is overwritten (saves one copy).
     Returns a float32 CSR matrix of the same shape.
     """
+    from preprocess import normalize_log1p  # the project's one log-normalisation
+
     X = sp.csr_matrix(counts, dtype=np.float32, copy=copy)
-    totals = np.asarray(X.sum(axis=1), dtype=np.float64).ravel()
-    scale = np.divide(1e4, totals, out=np.zeros_like(totals), where=totals > 0)
-    X.data = (np.log1p(X.data * np.repeat(scale, np.diff(X.indptr))) / np.log(2.0)).astype(np.float32)
+    normalize_log1p(X, target_sum=1e4, log_base=2.0)
     X.eliminate_zeros()
     return X
 
@@ -142,7 +142,7 @@ def read_expression(path: str, *, table=None) -> tuple[sp.csr_matrix, list[str],
                               "preprocess.py")
         # All whole numbers means counts, however small (utils.looks_like_counts also wants values above 30, to
         # avoid calling small log values counts; log2(1 + CP10K) values are practically never all whole).
-        if np.array_equal(data, np.round(data)):
+        if first_fractional(data) is None:
             info["kind"] = "counts"
             X = log_normalise(X, copy=False)  # X is this function's own (adata is dropped on return)
         else:

@@ -69,22 +69,29 @@ class HeadWatch:
     """Counts, while active, the positive gene scores and the per-class logit minimum and maximum of the model's
     ClassificationHead (a no-op for a model without one). Sums over ranks in `result()` when distributed."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, *, eval_only: bool = False):
         self.head = _head_of(model)
+        self.eval_only = eval_only  # count only eval-mode forwards (validation), not training steps
         self.handles: list = []
-        self.positive = 0
-        self.scores = 0
-        self.cells = 0
+        self.positive = self.scores = self.cells = 0
         self.low: torch.Tensor | None = None
         self.high: torch.Tensor | None = None
 
-    def _on_scores(self, _module, _inputs, output: torch.Tensor) -> None:
-        # output: (batch, seq_len) gene scores after the ReLU
+    def reset(self) -> None:
+        self.positive = self.scores = self.cells = 0
+        self.low = self.high = None
+
+    def _on_scores(self, module, _inputs, output: torch.Tensor) -> None:
+        # output: (batch, seq_len) gene scores after the ReLU; training forwards are not counted
+        if self.eval_only and module.training:
+            return
         self.positive += int((output > 0).sum())
         self.scores += output.numel()
 
-    def _on_logits(self, _module, _inputs, output: torch.Tensor) -> None:
-        logits = output.detach().float()  # (batch, n_classes)
+    def _on_logits(self, module, _inputs, output) -> None:
+        if self.eval_only and module.training:
+            return
+        logits = (output[0] if isinstance(output, tuple) else output).detach().float()  # (batch, n_classes)
         low, high = logits.min(dim=0).values, logits.max(dim=0).values
         self.low = low if self.low is None else torch.minimum(self.low, low)
         self.high = high if self.high is None else torch.maximum(self.high, high)
@@ -132,6 +139,8 @@ def _sample_encodings(model: nn.Module, dataset, n_cells: int) -> torch.Tensor:
     inner.eval()
     try:
         with torch.no_grad():
+            if hasattr(inner, "encode"):  # a models.py family: batch dict in
+                return inner.encode({"tokens": tokens})
             return inner(tokens, return_encodings=True)
     finally:
         inner.train(was_training)
@@ -176,3 +185,47 @@ def handle_dead_head(model: nn.Module, optimizer: torch.optim.Optimizer, health:
     log(f"epoch {epoch}: {health.describe()}; this epoch is not kept as best, and the head's gene scorer was "
         f"restarted (restart {revivals + 1} of at most {MAX_REVIVALS})")
     return revivals + 1
+
+
+class HeadGuard:
+    """A classification run's dead-head guard: starts a fresh head alive, watches every validation (eval-mode
+    forwards only) and restarts or stops on a dead head. Saved with the run (`state_dict`: the restarts so far).
+
+        guard = HeadGuard()                      # before the run is set up; put it in the run's state
+        guard.attach(model, optimizer, train_set, fresh=True, log=print)
+        health = guard.check(epoch)              # after each validation; health.dead: not kept as best
+        guard.close()
+    """
+
+    def __init__(self) -> None:
+        self.revivals = 0
+        self.watch: HeadWatch | None = None
+        self.model = self.optimizer = self.dataset = None
+        self.log = print
+
+    def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer, dataset, *, fresh: bool, log) -> None:
+        self.model, self.optimizer, self.dataset, self.log = model, optimizer, dataset, log
+        if fresh:
+            start_head_alive(model, dataset)
+        self.watch = HeadWatch(model, eval_only=True).__enter__()
+
+    def check(self, epoch: int) -> HeadHealth:
+        if self.watch is None:
+            return HeadHealth(positive_share=1.0, logit_range=float("inf"), cells=0, watched=False)
+        health = self.watch.result()
+        self.watch.reset()
+        if health.dead:
+            self.revivals = handle_dead_head(self.model, self.optimizer, health, epoch=epoch, revivals=self.revivals,
+                                             log=self.log, dataset=self.dataset)
+        return health
+
+    def close(self) -> None:
+        if self.watch is not None:
+            self.watch.__exit__(None, None, None)
+            self.watch = None
+
+    def state_dict(self) -> dict:
+        return {"revivals": self.revivals}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.revivals = int(state.get("revivals", 0))

@@ -48,7 +48,7 @@ from genes import (
     load_gene_table,
     read_reference_genes,
 )
-from utils import PREPROCESS_UNS_KEY, ScbertError, run_cli, str2bool
+from utils import PREPROCESS_UNS_KEY, ScbertError, atomic_write_h5ad, first_fractional, run_cli, str2bool
 
 # Below this share of reference genes found in the data, predictions rest on mostly-zero input: warn.
 LOW_COVERAGE = 0.5
@@ -313,9 +313,9 @@ def count_problem(x, allow_normalized: bool = False) -> str | None:
         if (chunk < 0).any():
             return f"negative values (e.g. {chunk[chunk < 0][0]:.4g}), as in scaled or centred data"
         if not allow_normalized:
-            fractional = chunk != np.floor(chunk)
-            if fractional.any():
-                return f"non-integer values (e.g. {chunk[fractional][0]:.4g}), as in normalised data"
+            fractional = first_fractional(chunk)
+            if fractional is not None:
+                return f"non-integer values (e.g. {chunk[fractional]:.4g}), as in normalised data"
     return None
 
 
@@ -812,16 +812,8 @@ def check_out_path(data_path: str, out_path: str, overwrite: bool) -> None:
 
 
 def write_h5ad_atomic(adata: ad.AnnData, path: str) -> None:
-    """Write to a temporary file beside `path`, then rename: an interrupted run leaves no half-written output."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}.h5ad")
-    try:
-        adata.write_h5ad(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Write to a temporary file beside `path`, then rename (utils.atomic_write_h5ad, the project's one writer)."""
+    atomic_write_h5ad(adata, path)
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:

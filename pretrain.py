@@ -31,36 +31,25 @@ import torch.nn.functional as F
 from masking import mask_tokens, masked_accuracy, most_common_bin
 from performer_pytorch import load_checkpoint
 from training import (
-    Amp,
     CellDataset,
-    CosineAnnealingWarmupRestarts,
-    JsonlLogger,
-    build_loader,
     build_model_from_args,
     check_model_flags,
+    check_positive,
     cleanup_distributed,
-    epoch_checkpoint_path,
-    evaluate,
+    fit,
     get_common_parser,
     load_training_data,
     print0,
     resolve_log_path,
     resolve_resume,
-    restore_training_state,
-    save_training_checkpoint,
-    seed_everything,
-    set_loader_epoch,
     setup_distributed,
     split_indices,
-    train_one_epoch,
-    unwrap_model,
-    wrap_model,
+    start_run,
 )
 from utils import ScbertError, run_cli
 
 VALID_SIZE = 0.05  # SPEC section 3: 5% of cells, train_test_split(test_size=0.05, random_state=seed)
 GRAD_CLIP = 100.0  # SPEC section 3: gradient-norm clip 1e2
-MIN_LR, WARMUP, FIRST_CYCLE, CYCLE_MULT, GAMMA = 1e-6, 5, 15, 2, 0.9  # SPEC section 6
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -120,9 +109,7 @@ def run_pretraining(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Pretrain as the flags say; returns the per-epoch records also written to the JSONL log (on every rank)."""
     if not 0 < args.mask_prob <= 1 or not 0 <= args.replace_prob <= 1:
         raise ScbertError("--mask_prob must be in (0, 1] and --replace_prob in [0, 1]: use e.g. 0.15 and 0.9")
-    for flag in ("epoch", "batch_size", "grad_acc", "valid_every"):
-        if getattr(args, flag) < 1:
-            raise ScbertError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    check_positive(args, "epoch", "batch_size", "grad_acc", "valid_every")
     ctx = setup_distributed(args)
     try:
         return _pretrain(args, ctx)
@@ -131,80 +118,45 @@ def run_pretraining(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def _pretrain(args: argparse.Namespace, ctx) -> list[dict[str, Any]]:
-    amp = Amp(args.amp, ctx.device)
     resume_path = resolve_resume(args)
     start_path = resume_path or args.model_path
     start_genes = load_checkpoint(start_path).genes if start_path else None
     adata = load_training_data(args, genes=start_genes, genes_source=start_path)
     genes = [str(g) for g in adata.var_names]
 
-    # Same initial weights on every rank and for any number of ranks; then seed + rank for masking (SPEC 7).
-    torch.manual_seed(args.seed)
-    model = build_model_from_args(args, genes, checkpoint_path=start_path, head="lm")
-    if resume_path and not args.model_path:
-        check_model_flags(args, unwrap_model(model).config, resume_path)
-    seed_everything(args.seed, ctx.rank)
-    model = wrap_model(model, ctx)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate)
-    scheduler = CosineAnnealingWarmupRestarts(optimizer, first_cycle_steps=FIRST_CYCLE, cycle_mult=CYCLE_MULT,
-                                              max_lr=args.learning_rate, min_lr=MIN_LR, warmup_steps=WARMUP,
-                                              gamma=GAMMA)
-    start_epoch = 1
-    if resume_path:
-        payload = restore_training_state(resume_path, model=model, ctx=ctx, genes=genes, optimizer=optimizer,
-                                         scheduler=scheduler, amp=amp)
-        start_epoch = int(payload["epoch"]) + 1
-        print0(f"resuming from {resume_path} (epoch {payload['epoch']} complete); next epoch {start_epoch}", ctx=ctx)
+    def make_model():
+        model = build_model_from_args(args, genes, checkpoint_path=start_path, head="lm")
+        if resume_path and not args.model_path:
+            check_model_flags(args, model.config, resume_path)
+        return model
 
     train_idx, valid_idx = split_indices(adata.n_obs, VALID_SIZE, args.seed)
     train_set = CellDataset(adata.X, bin_num=args.bin_num, indices=train_idx)
     valid_set = CellDataset(adata.X, bin_num=args.bin_num, indices=valid_idx)
-    train_loader = build_loader(train_set, batch_size=args.batch_size, ctx=ctx, train=True, seed=args.seed,
-                                num_workers=args.num_workers)
-    valid_loader = build_loader(valid_set, batch_size=args.batch_size, ctx=ctx, train=False,
-                                num_workers=args.num_workers)
-    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    run = start_run(args, ctx, make_model=make_model, genes=genes, train_set=train_set, valid_set=valid_set,
+                    resume_path=resume_path, clip_norm=GRAD_CLIP)
+    n_params = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
     print0(f"pretraining on {ctx.device} x {ctx.world_size}: {len(train_set)} train / {len(valid_set)} valid cells, "
-           f"{len(genes)} genes, {n_params:,} trainable parameters, epochs {start_epoch}..{args.epoch}", ctx=ctx)
-
-    log_path = resolve_log_path(args)
-    logger = JsonlLogger(log_path, ctx)
+           f"{len(genes)} genes, {n_params:,} trainable parameters, epochs {run.start_epoch}..{args.epoch}", ctx=ctx)
     loss_options = dict(mask_prob=args.mask_prob, replace_prob=args.replace_prob, bin_num=args.bin_num)
-    train_loss = functools.partial(masked_lm_loss, **loss_options)
-    records: list[dict[str, Any]] = []
-    last_good = epoch_checkpoint_path(args.ckpt_dir, args.model_name, start_epoch - 1) if start_epoch > 1 else None
-    for epoch in range(start_epoch, args.epoch + 1):
-        set_loader_epoch(train_loader, epoch)
-        lr = scheduler.get_last_lr()[0]
-        train = train_one_epoch(model, train_loader, optimizer, train_loss, ctx=ctx, epoch=epoch,
-                                grad_acc=args.grad_acc, clip_norm=GRAD_CLIP, divide_by_grad_acc=True, amp=amp,
-                                last_good=last_good)
-        record: dict[str, Any] = {
-            "epoch": epoch, "lr": lr, "train_loss": train["loss"],
-            "train_acc": _ratio(train["correct"], train["masked"]),
-            "train_baseline_acc": _ratio(train["baseline_correct"], train["masked"]),
-            "train_cells": int(train["cells"]), "cells_per_s": train["cells_per_s"], "train_time": train["time"],
-        }
-        if epoch % args.valid_every == 0 or epoch == args.epoch:
-            valid = evaluate(model, valid_loader, _valid_step(args, ctx, loss_options), ctx=ctx, amp=amp)
-            record.update({
-                "valid_loss": _ratio(valid["loss_sum"], valid["masked"]),
-                "valid_acc": _ratio(valid["correct"], valid["masked"]),
-                "baseline_acc": _ratio(valid["baseline_correct"], valid["masked"]),
-                "valid_cells": int(valid["cells"]), "valid_masked": int(valid["masked"]),
-                "valid_time": valid["time"],
-            })
-        scheduler.step()
-        path = epoch_checkpoint_path(args.ckpt_dir, args.model_name, epoch)
-        save_training_checkpoint(path, model=model, ctx=ctx, genes=genes, epoch=epoch, optimizer=optimizer,
-                                 scheduler=scheduler, amp=amp, args=args, losses=train["loss"],
-                                 metrics={k: v for k, v in record.items() if isinstance(v, int | float)})
-        last_good = path
-        logger.log(record)
-        records.append(record)
-        print0(_epoch_line(record), ctx=ctx)
-    print0(f"checkpoints in {os.path.abspath(args.ckpt_dir)}, log {os.path.abspath(log_path)}", ctx=ctx)
+    records = fit(run, functools.partial(masked_lm_loss, **loss_options), _valid_step(args, ctx, loss_options),
+                  train_summary=_train_summary, valid_summary=_valid_summary, line=_epoch_line)
+    print0(f"checkpoints in {os.path.abspath(args.ckpt_dir)}, log {os.path.abspath(resolve_log_path(args))}",
+           ctx=ctx)
     return records
+
+
+def _train_summary(train: dict[str, Any]) -> dict[str, Any]:
+    return {"train_loss": train["loss"], "train_acc": _ratio(train["correct"], train["masked"]),
+            "train_baseline_acc": _ratio(train["baseline_correct"], train["masked"]),
+            "train_cells": int(train["cells"]), "cells_per_s": train["cells_per_s"], "train_time": train["time"]}
+
+
+def _valid_summary(valid: dict[str, Any], epoch: int) -> dict[str, Any]:
+    return {"valid_loss": _ratio(valid["loss_sum"], valid["masked"]),
+            "valid_acc": _ratio(valid["correct"], valid["masked"]),
+            "baseline_acc": _ratio(valid["baseline_correct"], valid["masked"]),
+            "valid_cells": int(valid["cells"]), "valid_masked": int(valid["masked"]), "valid_time": valid["time"]}
 
 
 def _valid_step(args: argparse.Namespace, ctx, loss_options: dict[str, Any]):

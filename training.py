@@ -1,94 +1,95 @@
-"""Training plumbing shared by `pretrain.py` and `finetune.py`: flags, processes, data, schedule, loops, checkpoints.
+"""The one run loop of pretraining and fine-tuning: shared flags, the model from flags, the epoch loops, `fit`.
 
-Everything here is generic: the scripts bring their own loss (a `loss_fn(model, batch) -> (loss, stats)` callback)
-and their own evaluation step; this module runs them the same way as plain `python`, under `torchrun` or under the
-legacy `python -m torch.distributed.launch`, on CPU (gloo) or GPU (NCCL).
+A script declares its loss and its validation step; `fit` does the rest the same way for every kind of run, as plain
+`python`, under `torchrun` or under the legacy `python -m torch.distributed.launch`, on CPU (gloo) or GPU (NCCL).
 
 Public API, in the order a script uses it:
 
 - `get_common_parser()`: the shared flags with the published defaults (a parent parser, `add_help=False`);
-  `resolve_log_path(args)`.
-- `setup_distributed(args)` -> `DistContext` (rank, local_rank, world_size, device, distributed, is_main);
-  `cleanup_distributed`, `barrier`, `reduce_sum`, `reduce_mean`, `gather_tensors`; `print0` prints on rank 0 only.
-- `seed_everything(seed, rank)`: seed + rank for masking and dropout (SPEC section 7); data splits use the base seed
-  on every rank (`split_indices`).
-- `load_training_data(args, genes=...)`: the preprocessed `.h5ad`, checked (written by preprocess.py, `--gene_num`,
-  the genes of a checkpoint); `check_gene_num`, `check_checkpoint_genes`.
-- `CellDataset` (one cell tokenised at a time from the CSR matrix, optional labels), `build_loader`
-  (DistributedSampler for training, `ShardSampler` (every cell exactly once over the ranks) for evaluation, or any
-  sampler given, e.g. `BootstrapSampler`), `set_loader_epoch`.
-- `build_model_from_args(args, genes, checkpoint_path=..., head=...)`, `check_model_flags`, `wrap_model` (DDP when
-  distributed), `unwrap_model`.
-- `CosineAnnealingWarmupRestarts` (SPEC section 6; the pure `cosine_warmup_restarts_lr`), `Amp` (`--amp`).
-- `train_one_epoch(...)` (raises `NonFiniteLossError`), `evaluate(...)`.
-- `epoch_checkpoint_path`, `named_checkpoint_path`, `save_training_checkpoint` (called on every rank; rank 0 writes
-  atomically), `find_latest_checkpoint`, `resolve_resume`, `restore_training_state`.
-- `JsonlLogger`: one JSON line per epoch, rank 0 only.
+  `resolve_log_path(args)`, `check_positive(args, *flags)`.
+- `build_model_from_args(args, genes, checkpoint_path=..., head=...)`, `check_model_flags`.
+- `start_run(args, ctx, ...)` -> `Run`: the model built under the base seed, wrapped for DDP, Adam over what trains,
+  the published schedule, AMP, loaders, extra stateful objects, all restored from the resume checkpoint if any.
+- `fit(run, loss_fn, valid_fn, ...)`: the epoch skeleton (train, validate every N, schedule, save, log, early stop,
+  resume), returning one record per epoch (also written as JSON lines).
+- `train_one_epoch(...)` (raises `NonFiniteLossError`), `evaluate(...)`: one pass, training or evaluating.
+
+The plumbing lives in its own modules: processes and random state in distributed.py, data and loaders in data.py,
+the schedule and mixed precision in optim.py, checkpoints, resuming and logs in run_state.py. Their names are also
+importable from here, so older `from training import ...` lines keep working.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import math
 import os
-import random
-import re
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-import scipy.sparse as sp
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-from performer_pytorch import PerformerLM, build_model, checkpoint_payload, load_checkpoint, save_checkpoint
-from performer_pytorch.checkpoint import CheckpointError, read_checkpoint_file
-from utils import PREPROCESS_UNS_KEY, ScbertError, check_gene_order, read_preprocessed, str2bool, tokenize
+from data import (  # noqa: F401 - re-exported
+    BootstrapSampler,
+    CellDataset,
+    ShardSampler,
+    batch_cells,
+    build_loader,
+    check_checkpoint_genes,
+    check_gene_num,
+    load_training_data,
+    set_loader_epoch,
+    split_indices,
+    to_device,
+)
+from distributed import (  # noqa: F401 - re-exported
+    DistContext,
+    barrier,
+    cleanup_distributed,
+    gather_tensors,
+    print0,
+    reduce_mean,
+    reduce_sum,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    setup_distributed,
+    unwrap_model,
+    wrap_model,
+)
+from models import MODEL_TYPES, BinVocab, build_model, load_model, model_family
+from optim import Amp, CosineAnnealingWarmupRestarts, build_scheduler, cosine_warmup_restarts_lr  # noqa: F401
+from performer_pytorch import load_checkpoint
+from performer_pytorch.checkpoint import DEFAULT_MODEL_TYPE
+from run_state import (  # noqa: F401 - re-exported
+    JsonlLogger,
+    RunSettings,
+    epoch_checkpoint_path,
+    find_latest_checkpoint,
+    named_checkpoint_path,
+    resolve_resume,
+    restore_training_state,
+    save_training_checkpoint,
+)
+from utils import ScbertError, str2bool
 
 __all__ = [
-    "Amp",
-    "BootstrapSampler",
-    "CellDataset",
-    "CosineAnnealingWarmupRestarts",
-    "DistContext",
-    "JsonlLogger",
     "NonFiniteLossError",
-    "ShardSampler",
-    "barrier",
-    "build_loader",
+    "Run",
     "build_model_from_args",
-    "check_checkpoint_genes",
-    "check_gene_num",
     "check_model_flags",
-    "cleanup_distributed",
-    "cosine_warmup_restarts_lr",
-    "epoch_checkpoint_path",
+    "check_positive",
     "evaluate",
-    "find_latest_checkpoint",
-    "gather_tensors",
+    "fit",
     "get_common_parser",
-    "load_training_data",
-    "named_checkpoint_path",
-    "print0",
-    "reduce_mean",
-    "reduce_sum",
     "resolve_log_path",
-    "resolve_resume",
-    "restore_training_state",
-    "save_training_checkpoint",
-    "seed_everything",
-    "set_loader_epoch",
-    "setup_distributed",
-    "split_indices",
+    "start_run",
     "train_one_epoch",
-    "unwrap_model",
-    "wrap_model",
 ]
 
 
@@ -141,6 +142,8 @@ def get_common_parser() -> argparse.ArgumentParser:
                      help="JSONL file, one line per epoch (default: <ckpt_dir>/<model_name>_log.jsonl)")
 
     model = parser.add_argument_group("model")
+    model.add_argument("--model_type", choices=sorted(MODEL_TYPES), default=DEFAULT_MODEL_TYPE,
+                       help="model family (models.py) when no checkpoint gives one: performer is scBERT's Performer")
     model.add_argument("--pos_embed", type=str2bool, default=True,
                        help="add gene2vec positional embeddings (True needs --gene2vec_path or a checkpoint that "
                             "holds the table)")
@@ -169,326 +172,6 @@ def resolve_log_path(args: argparse.Namespace) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Processes
-# ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class DistContext:
-    """Where this process stands: rank among world_size processes, its device, whether it prints and writes."""
-
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-    device: torch.device = torch.device("cpu")
-    distributed: bool = False
-    backend: str | None = None
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def _pick_device(name: str, local_rank: int) -> torch.device:
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise ScbertError("--device cuda was asked for but PyTorch sees no CUDA GPU: pass --device cpu")
-        index = local_rank % torch.cuda.device_count()
-        torch.cuda.set_device(index)
-        return torch.device("cuda", index)
-    return torch.device("cpu")
-
-
-def setup_distributed(args: argparse.Namespace | None = None, device: str | None = None) -> DistContext:
-    """Join the process group when a launcher started us, else run as one plain process.
-
-    A launcher (torchrun, or `python -m torch.distributed.launch`, which in torch 2.x passes `--local-rank=N` and
-    sets the variables too) sets RANK and WORLD_SIZE; LOCAL_RANK is read first, `--local_rank` second. The backend is
-    NCCL on CUDA and gloo on CPU.
-    """
-    device_name = device or (getattr(args, "device", None) if args is not None else None) or "auto"
-    env_local = os.environ.get("LOCAL_RANK")
-    arg_local = getattr(args, "local_rank", None) if args is not None else None
-    local_rank = int(env_local) if env_local is not None else int(arg_local or 0)
-    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    if not launched:
-        return DistContext(local_rank=local_rank, device=_pick_device(device_name, local_rank))
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    torch_device = _pick_device(device_name, local_rank)
-    backend = "nccl" if torch_device.type == "cuda" else "gloo"
-    if not dist.is_initialized():
-        kwargs = {"device_id": torch_device} if torch_device.type == "cuda" else {}
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, **kwargs)
-    return DistContext(rank=rank, local_rank=local_rank, world_size=world_size, device=torch_device,
-                       distributed=True, backend=backend)
-
-
-def cleanup_distributed(ctx: DistContext) -> None:
-    """Leave the process group (a no-op for one plain process)."""
-    if ctx.distributed and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def barrier(ctx: DistContext) -> None:
-    """Wait for every rank (a no-op for one plain process)."""
-    if ctx.distributed:
-        if ctx.backend == "nccl":
-            dist.barrier(device_ids=[ctx.device.index])
-        else:
-            dist.barrier()
-
-
-def reduce_sum(values: dict[str, float] | torch.Tensor, ctx: DistContext):
-    """Sum numbers over ranks: a dict of floats/0-dim tensors -> dict of floats, or a tensor -> a tensor."""
-    if isinstance(values, torch.Tensor):
-        tensor = values.detach().to(ctx.device, torch.float64).clone()
-        if ctx.distributed:
-            dist.all_reduce(tensor)
-        return tensor
-    keys = sorted(values)
-    if not keys:
-        return {}
-    tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=ctx.device)
-    if ctx.distributed:
-        dist.all_reduce(tensor)
-    return dict(zip(keys, tensor.tolist(), strict=True))
-
-
-def reduce_mean(values: dict[str, float] | torch.Tensor, ctx: DistContext):
-    """Mean over ranks of numbers (each rank weighs the same)."""
-    summed = reduce_sum(values, ctx)
-    if isinstance(summed, torch.Tensor):
-        return summed / ctx.world_size
-    return {k: v / ctx.world_size for k, v in summed.items()}
-
-
-def gather_tensors(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
-    """Concatenate along dim 0 the tensors of all ranks (lengths may differ), in rank order; returned on CPU."""
-    if not ctx.distributed:
-        return tensor.detach().cpu()
-    local = tensor.detach().to(ctx.device)
-    length = torch.tensor([local.shape[0]], device=ctx.device)
-    lengths = [torch.zeros_like(length) for _ in range(ctx.world_size)]
-    dist.all_gather(lengths, length)
-    longest = int(max(int(n) for n in lengths))
-    padded = torch.zeros((longest, *local.shape[1:]), dtype=local.dtype, device=ctx.device)
-    padded[: local.shape[0]] = local
-    parts = [torch.zeros_like(padded) for _ in range(ctx.world_size)]
-    dist.all_gather(parts, padded)
-    return torch.cat([part[: int(n)].cpu() for part, n in zip(parts, lengths, strict=True)])
-
-
-def print0(*values: Any, ctx: DistContext | None = None, **kwargs: Any) -> None:
-    """print() on rank 0 only (ctx None: read RANK from the environment); flushed so logs interleave sanely."""
-    rank = ctx.rank if ctx is not None else int(os.environ.get("RANK", "0"))
-    if rank == 0:
-        kwargs.setdefault("flush", True)
-        print(*values, **kwargs)
-
-
-def seed_everything(seed: int, rank: int = 0) -> None:
-    """Seed python, numpy and torch (CPU and CUDA) with seed + rank, so ranks mask and drop out differently."""
-    value = int(seed) + int(rank)
-    random.seed(value)
-    np.random.seed(value % 2**32)
-    torch.manual_seed(value)
-
-
-def rng_state() -> dict[str, Any]:
-    """This process's random states as tensors and plain values (loadable with weights_only=True)."""
-    np_state = np.random.get_state()
-    return {
-        "python": [list(item) if isinstance(item, tuple) else item for item in random.getstate()],
-        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what `rng_state` returned."""
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    numpy_state = state["numpy"]
-    np.random.set_state(("MT19937", numpy_state["key"].numpy().astype(np.uint32), numpy_state["pos"],
-                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _gather_rng_states(ctx: DistContext) -> list[dict[str, Any]]:
-    """Every rank's random state, on every rank (collective)."""
-    mine = rng_state()
-    if not ctx.distributed:
-        return [mine]
-    states: list[Any] = [None] * ctx.world_size
-    dist.all_gather_object(states, mine)
-    return states
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Data
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def check_gene_num(gene_num: int, n_genes: int, data_path: str) -> None:
-    """`--gene_num` must equal the data's gene count: the model's sequence length is gene_num + 1."""
-    if gene_num != n_genes:
-        raise ScbertError(
-            f"--gene_num {gene_num} does not match {data_path!r}, which has {n_genes} genes: pass --gene_num "
-            f"{n_genes} (or preprocess the data onto the {gene_num}-gene reference list)"
-        )
-
-
-def load_training_data(
-    args: argparse.Namespace, *, genes: Sequence[str] | None = None, genes_source: str | None = None
-):
-    """Read `--data_path` (a preprocess.py output) and check it against the flags and, if given, a gene list.
-
-    genes: the gene list of a checkpoint being resumed or started from; the data's genes must equal it in order.
-    Returns the AnnData with X as CSR float32. Raises ScbertError when the file was not written by preprocess.py,
-    when `--gene_num` differs from its gene count, or when its genes differ from `genes`.
-    """
-    if not args.data_path:
-        raise ScbertError("no input given: pass --data_path <preprocessed .h5ad from preprocess.py>")
-    fix = (f"preprocess the data with the gene list of {genes_source} (preprocess.py --ref {genes_source})"
-           if genes_source else None)
-    adata = read_preprocessed(args.data_path, genes=genes, fix_genes=fix)
-    if PREPROCESS_UNS_KEY not in adata.uns:
-        raise ScbertError(
-            f"{args.data_path!r} was not written by preprocess.py (no uns[{PREPROCESS_UNS_KEY!r}]): run preprocess.py "
-            "on the raw counts first, so the genes are aligned to the reference list and the values normalised"
-        )
-    check_gene_num(args.gene_num, adata.n_vars, args.data_path)
-    return adata
-
-
-def split_indices(
-    n: int, test_size: float, seed: int, stratify: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """(train, valid) cell indices from sklearn's train_test_split with random_state=seed (same on every rank)."""
-    from sklearn.model_selection import train_test_split
-
-    train, valid = train_test_split(np.arange(n), test_size=test_size, random_state=seed, stratify=stratify)
-    return np.sort(train), np.sort(valid)
-
-
-class CellDataset(Dataset):
-    """Cells of a CSR matrix, tokenised one at a time (never densifying the whole matrix).
-
-    matrix: (cells, genes) CSR log2(1 + CP10K) values. indices: which rows to serve (default all).
-    labels: optional integer label per row of `matrix`.
-    Items: {"tokens": (genes + 1,) int64, "index": row number in `matrix`, "label": int64 (when labels given)}.
-    """
-
-    def __init__(self, matrix: sp.spmatrix, *, bin_num: int = 5, indices: Sequence[int] | None = None,
-                 labels: Sequence[int] | np.ndarray | None = None):
-        self.matrix = matrix if sp.isspmatrix_csr(matrix) else sp.csr_matrix(matrix)
-        self.bin_num = bin_num
-        self.indices = np.arange(self.matrix.shape[0]) if indices is None else np.asarray(indices, dtype=np.int64)
-        self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, item: int) -> dict[str, Any]:
-        row = int(self.indices[item])
-        start, end = self.matrix.indptr[row], self.matrix.indptr[row + 1]
-        values = np.zeros(self.matrix.shape[1], dtype=np.float32)
-        values[self.matrix.indices[start:end]] = self.matrix.data[start:end]
-        out = {"tokens": tokenize(values, self.bin_num), "index": row}
-        if self.labels is not None:
-            out["label"] = int(self.labels[row])
-        return out
-
-
-class ShardSampler(Sampler[int]):
-    """Evaluation order: rank r takes positions r, r + world_size, ...: every item exactly once over all ranks."""
-
-    def __init__(self, n: int, rank: int = 0, world_size: int = 1):
-        self.n, self.rank, self.world_size = n, rank, world_size
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, self.n, self.world_size))
-
-    def __len__(self) -> int:
-        return len(range(self.rank, self.n, self.world_size))
-
-
-class BootstrapSampler(Sampler[int]):
-    """Each epoch, ceil(n / world_size) positions drawn with replacement per rank (the reference's sampling).
-
-    Seeded by (seed, epoch, rank) through `set_epoch`, so runs and resumes repeat; every rank has the same count,
-    which DDP needs.
-    """
-
-    def __init__(self, n: int, *, rank: int = 0, world_size: int = 1, seed: int = 0):
-        self.n, self.rank, self.world_size, self.seed, self.epoch = n, rank, world_size, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return math.ceil(self.n / self.world_size)
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 1009 + self.rank)
-        return iter(torch.randint(self.n, (len(self),), generator=generator).tolist())
-
-
-def build_loader(
-    dataset: Dataset,
-    *,
-    batch_size: int,
-    ctx: DistContext,
-    train: bool,
-    seed: int = 0,
-    num_workers: int = 0,
-    sampler: Sampler | None = None,
-) -> DataLoader:
-    """A DataLoader over this rank's share of `dataset`.
-
-    train=True: a shuffling DistributedSampler (also for one process; call `set_loader_epoch` each epoch), padded so
-    every rank runs the same number of steps. train=False: `ShardSampler`, every item exactly once over the ranks,
-    in order. sampler: use this one instead (e.g. `BootstrapSampler`); it should give each rank the same length.
-    """
-    if sampler is None:
-        if train:
-            sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
-                                         seed=seed, drop_last=False)
-        else:
-            sampler = ShardSampler(len(dataset), ctx.rank, ctx.world_size)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      pin_memory=ctx.device.type == "cuda", persistent_workers=num_workers > 0)
-
-
-def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
-    """Tell the loader's sampler which epoch it is (a new shuffle per epoch, identical on a resumed run)."""
-    if hasattr(loader.sampler, "set_epoch"):
-        loader.sampler.set_epoch(epoch)
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, list | tuple):
-        return type(batch)(_to_device(v, device) for v in batch)
-    return batch
-
-
-def _batch_cells(batch: Any) -> int:
-    if isinstance(batch, dict):
-        return int(next(iter(batch.values())).shape[0])
-    if isinstance(batch, list | tuple):
-        return int(batch[0].shape[0])
-    return int(batch.shape[0])
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Model
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -499,66 +182,35 @@ def build_model_from_args(
     *,
     checkpoint_path: str | None = None,
     head: str = "lm",
-) -> PerformerLM:
-    """A PerformerLM from the flags, or from a starting checkpoint.
+) -> torch.nn.Module:
+    """The model of `--model_type` (default the Performer) from the flags, or from a starting checkpoint.
 
-    From flags: num_tokens = bin_num + 2, max_seq_len = gene_num + 1, dim/depth/heads/dim_head, gene2vec from
-    `--gene2vec_path` when `--pos_embed True`; head "lm" builds the pretraining head, "none" leaves `to_out` None.
-    From a checkpoint: its stored architecture and weights (`load_checkpoint` + `build_model(head=...)`, where head is
-    "lm", "none" or "checkpoint"); its gene list must equal `genes`.
+    From flags: the family's `config_from_args` (for the Performer: the vocabulary of --bin_num/--gene_num, the
+    sizes, gene2vec from `--gene2vec_path` when `--pos_embed True`); head "lm" builds the pretraining head, "none"
+    leaves it off. From a checkpoint: its family, stored architecture and weights (`models.load_model(head=...)`,
+    head "lm", "none" or "checkpoint"); its gene list must equal `genes`.
     """
     check_gene_num(args.gene_num, len(genes), args.data_path or "the data")
     if checkpoint_path is not None:
         ckpt = load_checkpoint(checkpoint_path)
-        check_checkpoint_genes(ckpt.genes, genes, checkpoint_path, n_positions=ckpt.config["max_seq_len"] - 1)
-        if ckpt.config["num_tokens"] != args.bin_num + 2:
+        vocab = model_family(ckpt.model_type).vocab_for(ckpt.config)
+        check_checkpoint_genes(ckpt.genes, genes, checkpoint_path, n_positions=vocab.gene_num)
+        if vocab.bin_num != args.bin_num:
             raise ScbertError(
-                f"{checkpoint_path!r} was trained with {ckpt.config['num_tokens'] - 2} bins but --bin_num is "
-                f"{args.bin_num}: pass --bin_num {ckpt.config['num_tokens'] - 2}"
+                f"{checkpoint_path!r} was trained with {vocab.bin_num} bins but --bin_num is {args.bin_num}: "
+                f"pass --bin_num {vocab.bin_num}"
             )
-        return build_model(ckpt, head=head)
-    if args.pos_embed and not args.gene2vec_path:
-        raise ScbertError(
-            "--pos_embed True needs gene2vec rows: pass --gene2vec_path <.npy from gene2vec.py> (one row per gene of "
-            "the data, width --dim), or --pos_embed False to train without them"
-        )
-    if args.gene2vec_path and args.pos_embed and not os.path.isfile(args.gene2vec_path):
-        raise ScbertError(f"gene2vec file {args.gene2vec_path!r} does not exist: check --gene2vec_path")
-    return PerformerLM(
-        num_tokens=args.bin_num + 2,
-        max_seq_len=args.gene_num + 1,
-        dim=args.dim,
-        depth=args.depth,
-        heads=args.heads,
-        dim_head=args.dim_head,
-        g2v_position_emb=args.pos_embed,
-        gene2vec=args.gene2vec_path if args.pos_embed else None,
-        lm_head=head == "lm",
-    )
-
-
-def check_checkpoint_genes(
-    ckpt_genes: Sequence[str] | None, data_genes: Sequence[str], path: str, *, n_positions: int | None = None
-) -> None:
-    """A checkpoint's gene list must equal the data's (same genes, same order); reference files carry none, so only
-    their length can be checked."""
-    if ckpt_genes is None:
-        if n_positions is not None and n_positions != len(data_genes):
-            raise ScbertError(
-                f"{path!r} was trained on {n_positions} genes but the data have {len(data_genes)}: preprocess the "
-                "data onto that model's gene list"
-            )
-        print(f"warning: {path!r} stores no gene list, so the data's gene order cannot be checked against it",
-              file=sys.stderr)
-        return
-    check_gene_order(data_genes, ckpt_genes, data_name="--data_path",
-                     fix=f"preprocess the data with --ref {path} so they use the checkpoint's gene list")
+        return load_model(ckpt, head=head)
+    model_type = getattr(args, "model_type", DEFAULT_MODEL_TYPE)
+    config, options = model_family(model_type).config_from_args(args)
+    return build_model(model_type, config, **options, lm_head=head == "lm")  # lm_head: the family's pretraining head
 
 
 def check_model_flags(args: argparse.Namespace, config: dict[str, Any], path: str) -> None:
     """The model-size flags must describe the checkpoint being resumed (rerunning the same command does)."""
+    vocab = BinVocab(bin_num=args.bin_num, gene_num=args.gene_num)
     wanted = {"dim": args.dim, "depth": args.depth, "heads": args.heads, "dim_head": args.dim_head,
-              "g2v_position_emb": args.pos_embed, "num_tokens": args.bin_num + 2, "max_seq_len": args.gene_num + 1}
+              "g2v_position_emb": args.pos_embed, **vocab.config()}
     flag = {"g2v_position_emb": "--pos_embed", "num_tokens": "--bin_num (+2)", "max_seq_len": "--gene_num (+1)"}
     differing = [k for k, v in wanted.items() if k in config and config[k] != v]
     if differing:
@@ -567,158 +219,6 @@ def check_model_flags(args: argparse.Namespace, config: dict[str, Any], path: st
             f"the flags differ from the run saved in {path!r} ({detail}): rerun with that run's flags to resume it, "
             "or pass another --model_name or --ckpt_dir to start a separate run"
         )
-
-
-def wrap_model(model: torch.nn.Module, ctx: DistContext, **ddp_kwargs: Any) -> torch.nn.Module:
-    """Move to the device; wrap in DistributedDataParallel when distributed (DDP kwargs passed through)."""
-    model = model.to(ctx.device)
-    if not ctx.distributed:
-        return model
-    from torch.nn.parallel import DistributedDataParallel
-
-    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids, **ddp_kwargs)
-
-
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The module inside DDP / torch.compile wrappers."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Learning-rate schedule (SPEC section 6)
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def cosine_warmup_restarts_lr(
-    step: int,
-    *,
-    first_cycle_steps: int = 15,
-    cycle_mult: float = 2.0,
-    max_lr: float = 1e-4,
-    min_lr: float = 1e-6,
-    warmup_steps: int = 5,
-    gamma: float = 0.9,
-) -> float:
-    """Learning rate after `step` scheduler steps (step 0 = the first epoch).
-
-    Each cycle: linear warm-up from min_lr to the cycle's max over `warmup_steps`, then a half cosine down towards
-    min_lr over the rest of the cycle. After a cycle, its length becomes (length - warmup) * cycle_mult + warmup and
-    the max is multiplied by gamma. With the defaults: cycles of 15, 25, 45, 85 steps.
-    """
-    cycle, position, length = 0, step, first_cycle_steps
-    while position >= length:
-        position -= length
-        cycle += 1
-        length = int((length - warmup_steps) * cycle_mult) + warmup_steps
-    peak = max_lr * gamma**cycle
-    if position < warmup_steps:
-        return min_lr + (peak - min_lr) * position / warmup_steps
-    progress = (position - warmup_steps) / (length - warmup_steps)
-    return min_lr + (peak - min_lr) * (1 + math.cos(math.pi * progress)) / 2
-
-
-class CosineAnnealingWarmupRestarts:
-    """scBERT's schedule, stepped once per epoch: construction sets the first epoch's rate (min_lr), each `step()`
-    moves to the next epoch. Values for lr 1e-4 are in SPEC section 6 (1e-6, 2.08e-5, ..., 1e-4 at epoch 6).
-    """
-
-    def __init__(
-        self,
-        optimizer: torch.optim.Optimizer,
-        first_cycle_steps: int = 15,
-        cycle_mult: float = 2.0,
-        max_lr: float = 1e-4,
-        min_lr: float = 1e-6,
-        warmup_steps: int = 5,
-        gamma: float = 0.9,
-    ):
-        if warmup_steps >= first_cycle_steps:
-            raise ValueError(f"warmup_steps ({warmup_steps}) must be below first_cycle_steps ({first_cycle_steps})")
-        self.optimizer = optimizer
-        self.params = dict(first_cycle_steps=first_cycle_steps, cycle_mult=cycle_mult, max_lr=max_lr,
-                           min_lr=min_lr, warmup_steps=warmup_steps, gamma=gamma)
-        self.last_epoch = 0
-        self._apply()
-
-    def lr_at(self, step: int) -> float:
-        return cosine_warmup_restarts_lr(step, **self.params)
-
-    def _apply(self) -> None:
-        lr = self.lr_at(self.last_epoch)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self._last_lr = [lr for _ in self.optimizer.param_groups]
-
-    def step(self) -> None:
-        self.last_epoch += 1
-        self._apply()
-
-    def get_last_lr(self) -> list[float]:
-        return list(self._last_lr)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"last_epoch": self.last_epoch, **self.params}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.params = {k: state.get(k, v) for k, v in self.params.items()}
-        self.last_epoch = int(state["last_epoch"])
-        self._apply()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Mixed precision
-# ---------------------------------------------------------------------------------------------------------------
-
-
-class Amp:
-    """`--amp`: none; bf16 autocast (CPU or CUDA); fp16 autocast with a GradScaler (CUDA only).
-
-    Use `with amp.autocast(): loss = ...`, then `amp.backward(loss)` and, on an optimiser step,
-    `amp.step(optimizer, parameters, clip_norm)`.
-    """
-
-    def __init__(self, mode: str, device: torch.device):
-        if mode not in {"none", "bf16", "fp16"}:
-            raise ScbertError(f"--amp {mode!r} is not one of none, bf16, fp16")
-        if mode == "fp16" and device.type != "cuda":
-            raise ScbertError("--amp fp16 needs a CUDA GPU (float16 with a gradient scaler): use --amp bf16 on CPU")
-        self.mode, self.device = mode, device
-        self.scaler = torch.amp.GradScaler("cuda") if mode == "fp16" else None
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        if self.mode == "none":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.mode == "bf16" else torch.float16
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-
-    def step(self, optimizer: torch.optim.Optimizer, parameters: Sequence[torch.Tensor], clip_norm: float | None):
-        """Unscale, clip to `clip_norm`, step; returns the gradient norm before clipping.
-
-        Without a scaler, a non-finite norm skips the step (the caller stops the run); with fp16's scaler, the
-        scaler skips it and lowers its scale, as overflow is expected there now and then.
-        """
-        if self.scaler is not None:
-            self.scaler.unscale_(optimizer)
-        norm = (torch.nn.utils.clip_grad_norm_(parameters, clip_norm) if clip_norm is not None
-                else torch.tensor(0.0))
-        if self.scaler is not None:
-            self.scaler.step(optimizer)
-            self.scaler.update()
-        elif bool(torch.isfinite(norm)):
-            optimizer.step()
-        return norm
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.scaler.state_dict() if self.scaler is not None else {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.scaler is not None and state:
-            self.scaler.load_state_dict(state)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -782,21 +282,14 @@ def train_one_epoch(
     hint = "lower --learning_rate, or use --amp none if mixed precision is on"
     try:
         for step, batch in enumerate(loader):
-            batch = _to_device(batch, ctx.device)
+            batch = to_device(batch, ctx.device)
             sync_now = (step + 1) % grad_acc == 0 or step + 1 == n_steps
             no_sync = ctx.distributed and not sync_now and hasattr(model, "no_sync")
             with model.no_sync() if no_sync else contextlib.nullcontext():
                 with amp.autocast():
                     loss, stats = loss_fn(model, batch)
                 finite = bool(torch.isfinite(loss.detach()))
-                if not finite and bad_step is None:
-                    bad_step = step + 1
-                if sync_now and ctx.distributed:
-                    # Agree before the all-reducing backward, so every rank stops together instead of hanging.
-                    flag = torch.tensor([0 if bad_step is None else 1], device=ctx.device)
-                    dist.all_reduce(flag)
-                    if int(flag) and bad_step is None:
-                        bad_step = step + 1
+                bad_step = _first_bad_step(bad_step, finite, step, sync_now, ctx)
                 if bad_step is not None and (sync_now or not ctx.distributed):
                     raise NonFiniteLossError(
                         f"the training loss became non-finite at epoch {epoch}, step {bad_step}; the run stopped"
@@ -812,8 +305,7 @@ def train_one_epoch(
                         f"the gradient norm became non-finite at epoch {epoch}, step {step + 1}; the run stopped"
                         f"{keep}: {hint}"
                     )
-            n = _batch_cells(batch)
-            cells += n
+            cells += batch_cells(batch)
             loss_sum += loss.detach().double()
             _accumulate(totals, stats)
             if ctx.is_main:
@@ -823,9 +315,25 @@ def train_one_epoch(
                 bar.update(1)
     finally:
         bar.close()
-    elapsed = time.perf_counter() - start
     # The loop's own totals travel under names a loss_fn's stats cannot take.
-    local = {"__loss": loss_sum, "__steps": n_steps, "__cells": cells, **totals}
+    return _epoch_totals({"__loss": loss_sum, "__steps": n_steps, "__cells": cells, **totals}, ctx,
+                         time.perf_counter() - start)
+
+
+def _first_bad_step(bad_step: int | None, finite: bool, step: int, sync_now: bool, ctx: DistContext) -> int | None:
+    """The first micro-step (1-based) with a non-finite loss on any rank so far; ranks agree at each sync step,
+    before the all-reducing backward, so every rank stops together instead of hanging."""
+    if not finite and bad_step is None:
+        bad_step = step + 1
+    if sync_now and ctx.distributed:
+        flag = torch.tensor([0 if bad_step is None else 1], device=ctx.device)
+        dist.all_reduce(flag)
+        if int(flag) and bad_step is None:
+            bad_step = step + 1
+    return bad_step
+
+
+def _epoch_totals(local: dict[str, Any], ctx: DistContext, elapsed: float) -> dict[str, float]:
     summed = reduce_sum({k: float(v) for k, v in local.items()}, ctx)
     steps = max(summed.pop("__steps"), 1)
     out = {"loss": summed.pop("__loss") / steps, "cells": summed.pop("__cells"), "steps": steps / ctx.world_size,
@@ -866,10 +374,10 @@ def evaluate(
     try:
         for batch in tqdm(loader, desc=desc, disable=not ctx.is_main, dynamic_ncols=True, mininterval=1.0,
                           leave=False, file=sys.stderr):
-            batch = _to_device(batch, ctx.device)
+            batch = to_device(batch, ctx.device)
             with amp.autocast():
                 out = step_fn(core, batch)
-            cells += _batch_cells(batch)
+            cells += batch_cells(batch)
             for key, value in out.items():
                 if isinstance(value, torch.Tensor) and value.dim() > 0:
                     parts.setdefault(key, []).append(value.detach())
@@ -904,189 +412,145 @@ def evaluate(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Checkpoints
+# One run: set-up and the epoch skeleton
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def epoch_checkpoint_path(ckpt_dir: str, model_name: str, epoch: int) -> str:
-    """`<ckpt_dir>/<model_name>_<epoch>.pth`, the reference's naming."""
-    return os.path.join(ckpt_dir, f"{model_name}_{epoch}.pth")
+def check_positive(args: argparse.Namespace, *flags: str) -> None:
+    """Each named integer flag must be at least 1."""
+    for flag in flags:
+        if getattr(args, flag) < 1:
+            raise ScbertError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
 
 
-def named_checkpoint_path(ckpt_dir: str, model_name: str, name: str) -> str:
-    """`<ckpt_dir>/<model_name>_<name>.pth`, e.g. name "best" for fine-tuning's best model."""
-    return os.path.join(ckpt_dir, f"{model_name}_{name}.pth")
+@dataclass
+class Run:
+    """What one training run holds. `state` maps names to the extra stateful objects (state_dict/load_state_dict)
+    saved with every epoch checkpoint and restored on resume, beside the model, optimiser, schedule and scaler."""
+
+    args: argparse.Namespace
+    ctx: DistContext
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: CosineAnnealingWarmupRestarts
+    amp: Amp
+    genes: list[str]
+    train_loader: DataLoader
+    valid_loader: DataLoader
+    classes: list[str] | None = None
+    state: dict[str, Any] = field(default_factory=dict)
+    clip_norm: float | None = None
+    divide_by_grad_acc: bool = True
+    start_epoch: int = 1
+    resumed_from: str | None = None
+
+    @property
+    def core(self) -> torch.nn.Module:
+        """The model inside any DDP wrapper (for `classify`, `encode`, saving)."""
+        return unwrap_model(self.model)
 
 
-def _plain_args(args: argparse.Namespace | dict | None) -> dict[str, Any]:
-    items = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
-    return {k: v for k, v in items.items() if v is None or isinstance(v, str | int | float | bool)}
-
-
-def save_training_checkpoint(
-    path: str,
-    *,
-    model: torch.nn.Module,
+def start_run(
+    args: argparse.Namespace,
     ctx: DistContext,
-    genes: Sequence[str] | None,
-    epoch: int,
-    optimizer: torch.optim.Optimizer | None = None,
-    scheduler: CosineAnnealingWarmupRestarts | None = None,
-    amp: Amp | None = None,
+    *,
+    make_model: Callable[[], torch.nn.Module],
+    genes: Sequence[str],
+    train_set: Dataset,
+    valid_set: Dataset,
+    resume_path: str | None,
+    clip_norm: float | None,
+    divide_by_grad_acc: bool = True,
     classes: Sequence[str] | None = None,
-    args: argparse.Namespace | dict | None = None,
-    losses: float | None = None,
-    **extra: Any,
-) -> None:
-    """Save a checkpoint; call it on EVERY rank (it gathers each rank's random state), rank 0 writes atomically, then
-    all wait at a barrier.
+    state: Mapping[str, Any] | None = None,
+    sampler: Sampler | None = None,
+) -> Run:
+    """Set a run up the same way for every script, and restore it from `resume_path` when given.
 
-    Writes `path` holding the reference's keys (`epoch`, `model_state_dict`, `optimizer_state_dict`,
-    `scheduler_state_dict`, `losses`) and ours (`config`, `head`, `genes`, `classes`, `rng` (one entry per rank),
-    `world_size`, `amp_state_dict`, `args`, and `extra`).
+    `make_model()` runs under the base seed, so every rank and any number of ranks start from the same weights; then
+    seed + rank (masking, dropout; SPEC section 7). Adam over the parameters that require grad, the published
+    schedule, `--amp`. Training loader: `sampler`, else a shuffling DistributedSampler; validation: every cell once.
     """
-    rng = _gather_rng_states(ctx)
-    if ctx.is_main:
-        payload = checkpoint_payload(
-            model,
-            genes=list(genes) if genes is not None else None,
-            classes=list(classes) if classes is not None else None,
-            epoch=int(epoch),
-            optimizer_state_dict=optimizer.state_dict() if optimizer is not None else None,
-            scheduler_state_dict=scheduler.state_dict() if scheduler is not None else None,
-            losses=losses,
-            amp_state_dict=amp.state_dict() if amp is not None else {},
-            rng=rng,
-            world_size=ctx.world_size,
-            args=_plain_args(args),
-            **extra,
-        )
-        save_checkpoint(payload, path)
-    barrier(ctx)
+    amp = Amp(args.amp, ctx.device)
+    torch.manual_seed(args.seed)
+    model = make_model()
+    for dataset in (train_set, valid_set):
+        if isinstance(dataset, CellDataset) and hasattr(model, "vocab"):
+            dataset.vocab = model.vocab  # cells become the family's batch entries
+    seed_everything(args.seed, ctx.rank)
+    model = wrap_model(model, ctx)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate)
+    run = Run(args=args, ctx=ctx, model=model, optimizer=optimizer, scheduler=build_scheduler(optimizer,
+              args.learning_rate), amp=amp, genes=list(genes), classes=list(classes) if classes is not None else None,
+              state=dict(state or {}), clip_norm=clip_norm, divide_by_grad_acc=divide_by_grad_acc,
+              train_loader=build_loader(train_set, batch_size=args.batch_size, ctx=ctx, train=True, seed=args.seed,
+                                        num_workers=args.num_workers, sampler=sampler),
+              valid_loader=build_loader(valid_set, batch_size=args.batch_size, ctx=ctx, train=False,
+                                        num_workers=args.num_workers))
+    if resume_path:
+        payload = restore_training_state(resume_path, model=model, ctx=ctx, genes=genes, optimizer=optimizer,
+                                         scheduler=run.scheduler, amp=amp, state=run.state)
+        run.start_epoch, run.resumed_from = int(payload["epoch"]) + 1, resume_path
+        print0(f"resuming from {resume_path} (epoch {payload['epoch']} complete); next epoch {run.start_epoch}",
+               ctx=ctx)
+    return run
 
 
-_EPOCH_FILE = re.compile(r"^(?P<name>.+)_(?P<epoch>\d+)\.pth$")
-
-
-def find_latest_checkpoint(ckpt_dir: str, model_name: str) -> tuple[str, int] | None:
-    """(path, epoch) of the highest-epoch `<model_name>_<epoch>.pth` in ckpt_dir that reads as a checkpoint, or None.
-
-    Files that do not read (e.g. truncated by a copy) are skipped with a warning; our own writes are atomic, so a
-    killed run never leaves one.
-    """
-    if not os.path.isdir(ckpt_dir):
-        return None
-    found = []
-    for name in os.listdir(ckpt_dir):
-        match = _EPOCH_FILE.match(name)
-        if match and match.group("name") == model_name:
-            found.append((int(match.group("epoch")), os.path.join(ckpt_dir, name)))
-    for epoch, path in sorted(found, reverse=True):
-        try:
-            read_checkpoint_file(path)
-        except CheckpointError as err:
-            print(f"warning: skipping unreadable checkpoint {path!r}: {err}", file=sys.stderr)
-            continue
-        return path, epoch
-    return None
-
-
-def resolve_resume(args: argparse.Namespace) -> str | None:
-    """The checkpoint to resume from under `--resume` (None/True/False), or None to start fresh.
-
-    None (default): the latest epoch checkpoint of `--model_name` when one exists. True: that checkpoint, an error
-    if there is none. False: start fresh, an error if epoch checkpoints of this name exist (they would be overwritten).
-    """
-    latest = find_latest_checkpoint(args.ckpt_dir, args.model_name)
-    if args.resume is None:
-        return latest[0] if latest else None
-    if args.resume:
-        if latest is None:
-            raise ScbertError(
-                f"--resume True but {args.ckpt_dir!r} holds no checkpoint {args.model_name}_<epoch>.pth: check "
-                "--ckpt_dir and --model_name, or drop --resume to start a new run"
-            )
-        return latest[0]
-    if latest is not None:
-        raise ScbertError(
-            f"--resume False but {latest[0]!r} exists and a fresh run would overwrite it: pass another "
-            "--model_name or --ckpt_dir, move the old checkpoints away, or drop --resume to continue that run"
-        )
-    return None
-
-
-def restore_training_state(
-    path: str,
+def fit(
+    run: Run,
+    loss_fn: Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict[str, Any]]],
+    valid_fn: Callable[[torch.nn.Module, Any], dict[str, Any]],
     *,
-    model: torch.nn.Module,
-    ctx: DistContext,
-    genes: Sequence[str] | None,
-    optimizer: torch.optim.Optimizer | None = None,
-    scheduler: CosineAnnealingWarmupRestarts | None = None,
-    amp: Amp | None = None,
-) -> dict[str, Any]:
-    """Load a `save_training_checkpoint` file into the model (strict), optimiser, scheduler, scaler and this rank's
-    random state. Checks that the checkpoint's genes equal `genes` and its architecture the model's.
+    train_summary: Callable[[dict[str, Any]], dict[str, Any]],
+    valid_summary: Callable[[dict[str, Any], int], dict[str, Any]],
+    line: Callable[[dict[str, Any]], str],
+    stop_reason: Callable[[], str | None] = lambda: None,
+    after_save: Callable[[dict[str, Any]], None] | None = None,
+    keep_epoch_ckpts: bool = True,
+) -> list[dict[str, Any]]:
+    """Epochs `run.start_epoch..--epoch`: train, validate every `--valid_every` (and at the last epoch), step the
+    schedule, save `<model_name>_<epoch>.pth` with every stateful object, log a JSON line, print a line.
 
-    Returns the checkpoint's payload (use `payload["epoch"] + 1` as the first epoch to run).
+    loss_fn(model, batch) -> (loss, additive stats), called on the (possibly DDP-wrapped) model; valid_fn(model,
+    batch) -> dict gathered by `evaluate`. train_summary(totals) and valid_summary(gathered, epoch) turn them into
+    the record's fields. stop_reason() -> a message ends the run (checked before each epoch and after each save).
+    after_save(record) runs once the epoch checkpoint is on disk (e.g. to write the best model). Without
+    keep_epoch_ckpts only the latest epoch checkpoint, which resuming needs, is kept.
     """
-    ckpt = load_checkpoint(path)
-    if genes is not None:
-        check_checkpoint_genes(ckpt.genes, genes, path, n_positions=ckpt.config["max_seq_len"] - 1)
-    core = unwrap_model(model)
-    own = getattr(core, "config", None)
-    if own is not None:
-        differing = sorted(k for k in own if k in ckpt.config and ckpt.config[k] != own[k])
-        if differing:
-            detail = ", ".join(f"{k}: checkpoint {ckpt.config[k]!r} vs now {own[k]!r}" for k in differing)
-            raise ScbertError(
-                f"cannot resume from {path!r}: the model flags differ from that run ({detail}); rerun with that "
-                "run's flags, or pass another --model_name to start a separate run"
-            )
-    try:
-        core.load_state_dict(ckpt.state_dict, strict=True)
-    except RuntimeError as err:
-        raise ScbertError(
-            f"cannot resume from {path!r}: its weights do not fit the model ({' '.join(str(err).split())[:200]}): "
-            "rerun with that run's flags"
-        ) from err
-    payload = ckpt.payload
-    if optimizer is not None and payload.get("optimizer_state_dict") is not None:
-        optimizer.load_state_dict(payload["optimizer_state_dict"])
-    if scheduler is not None and payload.get("scheduler_state_dict") is not None:
-        scheduler.load_state_dict(payload["scheduler_state_dict"])
-    if amp is not None and payload.get("amp_state_dict"):
-        amp.load_state_dict(payload["amp_state_dict"])
-    states = payload.get("rng") or []
-    if len(states) == ctx.world_size:
-        set_rng_state(states[ctx.rank])
-    else:
-        # A different number of ranks: no state belongs to this rank; a fresh, still distinct, seed per rank.
-        seed = int(payload.get("args", {}).get("seed", 0) or 0)
-        seed_everything(seed + 7919 * int(payload.get("epoch", 0)), ctx.rank)
-    return payload
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Logs
-# ---------------------------------------------------------------------------------------------------------------
-
-
-class JsonlLogger:
-    """Appends one JSON object per line to `path` (rank 0 only; other ranks do nothing)."""
-
-    def __init__(self, path: str, ctx: DistContext):
-        self.path, self.enabled = path, ctx.is_main
-        if self.enabled:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-
-    def log(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        clean = {}
-        for key, value in record.items():
-            if isinstance(value, torch.Tensor | np.floating):
-                value = float(value)
-            clean[key] = None if isinstance(value, float) and not math.isfinite(value) else value  # strict JSON
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(clean) + "\n")
+    args, ctx = run.args, run.ctx
+    logger = JsonlLogger(resolve_log_path(args), ctx)
+    records: list[dict[str, Any]] = []
+    last_good = (epoch_checkpoint_path(args.ckpt_dir, args.model_name, run.start_epoch - 1)
+                 if run.start_epoch > 1 else None)
+    for epoch in range(run.start_epoch, args.epoch + 1):
+        if stop_reason():
+            break
+        set_loader_epoch(run.train_loader, epoch)
+        record: dict[str, Any] = {"epoch": epoch, "lr": run.scheduler.get_last_lr()[0]}
+        train = train_one_epoch(run.model, run.train_loader, run.optimizer, loss_fn, ctx=ctx, epoch=epoch,
+                                grad_acc=args.grad_acc, clip_norm=run.clip_norm,
+                                divide_by_grad_acc=run.divide_by_grad_acc, amp=run.amp, last_good=last_good)
+        record.update(train_summary(train))
+        if epoch % args.valid_every == 0 or epoch == args.epoch:
+            record.update(valid_summary(evaluate(run.model, run.valid_loader, valid_fn, ctx=ctx, amp=run.amp), epoch))
+        run.scheduler.step()
+        # The epoch checkpoint first, then anything after_save writes: if the run is killed in between, the resumed
+        # run finds this epoch complete with the same weights.
+        path = epoch_checkpoint_path(args.ckpt_dir, args.model_name, epoch)
+        save_training_checkpoint(path, model=run.model, ctx=ctx, genes=run.genes, epoch=epoch,
+                                 optimizer=run.optimizer, scheduler=run.scheduler, amp=run.amp, state=run.state,
+                                 classes=run.classes, args=args, losses=train["loss"],
+                                 metrics={k: v for k, v in record.items() if isinstance(v, int | float)})
+        if after_save is not None:
+            after_save(record)
+        if ctx.is_main and last_good and not keep_epoch_ckpts and os.path.exists(last_good):
+            os.remove(last_good)  # the previous epoch of this same run; the new one is complete on disk
+        last_good = path
+        logger.log(record)
+        records.append(record)
+        print0(line(record), ctx=ctx)
+        reason = stop_reason()
+        if reason:
+            print0(f"stopping: {reason}", ctx=ctx)
+            break
+    return records

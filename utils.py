@@ -6,9 +6,11 @@ Scripts stay thin: they parse arguments and call functions from here, from `trai
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -16,7 +18,19 @@ import torch
 
 from performer_pytorch.errors import ScbertError
 
-__all__ = ["PREPROCESS_UNS_KEY", "ScbertError", "atomic_write_bytes", "run_cli", "str2bool", "tokenize"]
+__all__ = [
+    "PREPROCESS_UNS_KEY",
+    "ScbertError",
+    "atomic_write",
+    "atomic_write_bytes",
+    "atomic_write_h5ad",
+    "write_json",
+    "check_expression",
+    "read_preprocessed",
+    "run_cli",
+    "str2bool",
+    "tokenize",
+]
 
 # Key under which preprocess.py records what it did; later scripts read it to check their input.
 PREPROCESS_UNS_KEY = "scbert_preprocess"
@@ -43,16 +57,41 @@ def str2bool(text: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write `data` to `path` via a temporary file in the same folder and a rename: readers never see half a file."""
+def atomic_write(path: str, write: Callable[[str], None], *, suffix: str = "") -> None:
+    """The one way files are written: `write(tmp)` fills a temporary file in the same folder, which is then renamed
+    to `path`, so readers never see half a file and a crash leaves the old file (if any) in place. suffix: an
+    extension the writer needs on the temporary name (e.g. ".h5ad")."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}{suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write `data` to `path` atomically (see `atomic_write`), synced to disk before the rename."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    atomic_write(path, write)
+
+
+def write_json(path: str, value: Any) -> None:
+    """`value` as indented JSON, written atomically."""
+    atomic_write_bytes(path, (json.dumps(value, indent=2) + "\n").encode("utf-8"))
+
+
+def atomic_write_h5ad(adata, path: str) -> None:
+    """`adata.write_h5ad` atomically (see `atomic_write`)."""
+    atomic_write(path, adata.write_h5ad, suffix=".h5ad")
 
 
 def tokenize(values: np.ndarray | sp.spmatrix | torch.Tensor, bin_num: int = 5) -> torch.Tensor:
@@ -90,12 +129,50 @@ def check_gene_order(data_genes: Sequence[str], model_genes: Sequence[str], *, d
     )
 
 
+CHECK_CHUNK = 1 << 22  # values checked at a time, so a check of a huge matrix needs no full-size temporary
+
+
+def first_fractional(values: np.ndarray) -> int | None:
+    """Position of the first value that is not a whole number, or None: the one test of "these are counts"."""
+    values = np.asarray(values).ravel()
+    if values.dtype.kind in "biu":
+        return None
+    for start in range(0, values.size, CHECK_CHUNK):
+        chunk = values[start : start + CHECK_CHUNK]
+        fractional = np.flatnonzero(chunk != np.floor(chunk))
+        if fractional.size:
+            return start + int(fractional[0])
+    return None
+
+
 def looks_like_counts(data: np.ndarray) -> bool:
-    """True when stored values are all whole numbers with some large ones: raw counts, not log2(1 + CP10K)."""
+    """True when stored values are all whole numbers with some large ones: raw counts, not log2(1 + CP10K).
+
+    (Small whole numbers alone could be log values of a tiny matrix; log2(1 + CP10K) never reaches 30.)"""
     if data.size == 0:
         return False
     sample = data[: 1_000_000]
-    return bool(np.all(sample == np.round(sample)) and sample.max() > 30)
+    return first_fractional(sample) is None and bool(sample.max() > 30)
+
+
+def check_expression(matrix, *, name: str) -> sp.csr_matrix:
+    """The expression matrix as CSR float32, checked to hold log2(1 + CP10K) values: finite, not negative, not raw
+    counts. name: how messages call the data (e.g. the file's path)."""
+    matrix = sp.csr_matrix(matrix, dtype=np.float32) if not sp.isspmatrix_csr(matrix) else matrix.astype(np.float32)
+    values = matrix.data
+    if not np.isfinite(values).all():
+        raise ScbertError(f"{name} contains NaN or infinite expression values: fix the input and rerun preprocess.py")
+    if values.size and values.min() < 0:
+        raise ScbertError(
+            f"{name} contains negative expression values (scaled data?): scBERT needs log2(1 + CP10K) values from "
+            "preprocess.py"
+        )
+    if looks_like_counts(values):
+        raise ScbertError(
+            f"{name} holds raw counts (whole numbers up to {values.max():.0f}) where log-normalised values are "
+            "expected: run preprocess.py on it first"
+        )
+    return matrix
 
 
 def read_preprocessed(path: str, *, genes: Sequence[str] | None = None, fix_genes: str | None = None):
@@ -116,24 +193,9 @@ def read_preprocessed(path: str, *, genes: Sequence[str] | None = None, fix_gene
         ) from err
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise ScbertError(f"{path!r} holds no cells or no genes ({adata.n_obs} x {adata.n_vars}): check the input")
-    matrix = adata.X
-    if matrix is None:
+    if adata.X is None:
         raise ScbertError(f"{path!r} has no expression matrix in X: pass the output of preprocess.py")
-    matrix = sp.csr_matrix(matrix, dtype=np.float32) if not sp.isspmatrix_csr(matrix) else matrix.astype(np.float32)
-    adata.X = matrix
-    values = matrix.data
-    if not np.isfinite(values).all():
-        raise ScbertError(f"{path!r} contains NaN or infinite expression values: fix the input and rerun preprocess.py")
-    if values.size and values.min() < 0:
-        raise ScbertError(
-            f"{path!r} contains negative expression values (scaled data?): scBERT needs log2(1 + CP10K) values from "
-            "preprocess.py"
-        )
-    if looks_like_counts(values):
-        raise ScbertError(
-            f"{path!r} holds raw counts (whole numbers up to {values.max():.0f}) where log-normalised values are "
-            "expected: run preprocess.py on it first"
-        )
+    adata.X = check_expression(adata.X, name=repr(path))
     if PREPROCESS_UNS_KEY not in adata.uns:
         print(
             f"warning: {path!r} was not written by preprocess.py; assuming X holds log2(1 + CP10K) values over the "

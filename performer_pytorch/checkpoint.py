@@ -2,7 +2,9 @@
 
 Reads (always with `weights_only=True`, so a checkpoint cannot run code):
 - the reference's files: `{'model_state_dict': ..., 'epoch': ..., 'optimizer_state_dict': ...}` or a bare state dict;
-- ours: the same keys plus `config` (PerformerLM keyword arguments), `head`, `genes`, `classes` and run state.
+- ours: the same keys plus `model_type` (the model family, see models.py), `config` (the family's keyword
+  arguments), `head`, `genes`, `classes` and run state. Files without `model_type` (the reference's, and ours from
+  before it was recorded) are Performer checkpoints: `model_type` reads as "performer".
 State-dict keys lose `module.` (DistributedDataParallel) and `_orig_mod.` (torch.compile) prefixes. The architecture
 comes from the stored config, else it is inferred from tensor shapes.
 
@@ -22,6 +24,7 @@ from .errors import ScbertError
 from .performer_pytorch import ClassificationHead, PerformerLM
 
 FORMAT_VERSION = 1
+DEFAULT_MODEL_TYPE = "performer"  # what a checkpoint without `model_type` holds (the reference's and older ones)
 _PREFIXES = ("module.", "_orig_mod.")
 
 
@@ -37,6 +40,7 @@ class Checkpoint:
     {"type": "classifier", "n_classes", "h_dim", "hidden", "seq_len", "dim", "dropout"} or None (no `to_out`).
     genes: reference gene list or None (reference-format files carry none). classes: class names or None.
     payload: the whole loaded dict (epoch, optimiser state, ...). source: "scbert" (ours) or "reference".
+    model_type: the model family that rebuilds these weights (`models.load_model` dispatches on it).
     """
 
     path: str
@@ -47,6 +51,7 @@ class Checkpoint:
     classes: list[str] | None = None
     payload: dict[str, Any] = field(default_factory=dict)
     source: str = "reference"
+    model_type: str = DEFAULT_MODEL_TYPE
 
 
 def read_checkpoint_file(path: str) -> dict[str, Any]:
@@ -196,6 +201,7 @@ def load_checkpoint(path: str, *, heads: int | None = None) -> Checkpoint:
         classes=list(classes) if classes is not None else None,
         payload=payload,
         source=source,
+        model_type=str(payload.get("model_type") or DEFAULT_MODEL_TYPE),
     )
 
 
@@ -217,8 +223,11 @@ def make_head(head: dict[str, Any] | None, config: dict[str, Any]) -> torch.nn.M
     raise CheckpointError(f"unknown head type {head['type']!r} in the checkpoint: it was not written by this project")
 
 
-def build_model(ckpt: Checkpoint, *, head: str = "checkpoint", **overrides: Any) -> PerformerLM:
-    """A PerformerLM holding the checkpoint's weights, loaded with strict=True.
+def build_model(
+    ckpt: Checkpoint, *, head: str = "checkpoint", model_cls: type[PerformerLM] = PerformerLM, **overrides: Any
+) -> PerformerLM:
+    """A PerformerLM (or the subclass `model_cls`, e.g. models.py's family class) holding the checkpoint's weights,
+    loaded with strict=True.
 
     head: "checkpoint" keeps the checkpoint's own `to_out`; "none" drops it (the trunk, e.g. to attach a new
     classification head); "lm" requires the pretraining head. overrides: PerformerLM keyword arguments that do not
@@ -239,7 +248,11 @@ def build_model(ckpt: Checkpoint, *, head: str = "checkpoint", **overrides: Any)
         head_config = ckpt.head
     else:
         raise ValueError(f"head must be 'checkpoint', 'none' or 'lm', got {head!r}")
-    model = PerformerLM(**config, lm_head=False)
+    if ckpt.model_type != DEFAULT_MODEL_TYPE:
+        raise CheckpointError(
+            f"{ckpt.path!r} holds a {ckpt.model_type!r} model, not a Performer: load it with models.load_model"
+        )
+    model = model_cls(**config, lm_head=False)
     model.to_out = make_head(head_config, config)
     try:
         model.load_state_dict(state_dict, strict=True)
@@ -260,6 +273,7 @@ def checkpoint_payload(
     core = getattr(core, "_orig_mod", core)  # unwrap torch.compile
     return {
         "model_state_dict": {k: v.detach().cpu() for k, v in core.state_dict().items()},
+        "model_type": str(getattr(core, "model_type", DEFAULT_MODEL_TYPE)),
         "config": dict(core.config),
         "head": core.head_config,
         "genes": list(genes) if genes is not None else None,

@@ -657,6 +657,9 @@ class FavorAttentionFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y):
+        # Longer than the project's ~80 lines on purpose: the query-chunk and key-chunk passes share each cell's
+        # [C | z] gradient, the key-stabiliser bookkeeping and the workspace buffers; split, they would pass a dozen
+        # tensors between helpers.
         x, w, wo, qkv_t, attended_t, projection, czt_all, den_all, key_max = ctx.saved_tensors
         heads, chunk_size, dtype = ctx.heads, ctx.chunk_size, ctx.dtype
         acc_dtype = accumulation_dtype(dtype)

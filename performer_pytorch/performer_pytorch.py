@@ -587,10 +587,13 @@ class ClassificationHead(nn.Module):
         weight = self.conv1.weight.view(1, -1)  # (1, dim)
         return self.act(F.linear(x, weight, self.conv1.bias).squeeze(-1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, return_hidden: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """(batch, seq_len, dim) -> (batch, n_classes) logits; with `return_hidden`, also the (batch, h_dim) input of
+        the last Linear (the penultimate representation continual learning compares cells by)."""
         x = self.dropout1(self.act1(self.fc1(self.gene_scores(x))))
-        x = self.dropout2(self.act2(self.fc2(x)))
-        return self.fc3(x)
+        hidden = self.dropout2(self.act2(self.fc2(x)))
+        logits = self.fc3(hidden)
+        return (logits, hidden) if return_hidden else logits
 
 
 class PerformerLM(nn.Module):

@@ -15,8 +15,12 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+import classification
 import finetune
+import optim
+import training
 from label_io import read_label_dict
+from models import ScbertPerformer
 from performer_pytorch import PerformerLM, build_model, checkpoint_payload, load_checkpoint, save_checkpoint
 from utils import PREPROCESS_UNS_KEY, ScbertError, tokenize
 
@@ -99,7 +103,7 @@ def test_published_flags_and_defaults():
 
 def test_learning_rate_per_epoch_matches_spec_section_6():
     optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1e-4)
-    scheduler = finetune.build_scheduler(optimizer, 1e-4)
+    scheduler = optim.build_scheduler(optimizer, 1e-4)
     lrs = {}
     for epoch in range(1, 47):
         lrs[epoch] = optimizer.param_groups[0]["lr"]
@@ -181,8 +185,8 @@ def test_inverse_frequency_class_weights_average_one_and_enter_the_loss():
 
 
 def test_unfreeze_choices():
-    model = finetune.attach_head(PerformerLM(num_tokens=7, max_seq_len=9, dim=8, depth=3, heads=1, dim_head=4,
-                                             gene2vec=torch.randn(8, 8), lm_head=False), 2)
+    model = finetune.attach_head(ScbertPerformer(num_tokens=7, max_seq_len=9, dim=8, depth=3, heads=1, dim_head=4,
+                                                 gene2vec=torch.randn(8, 8), lm_head=False), 2)
 
     def training(spec):
         finetune.set_trainable(model, finetune.parse_unfreeze(spec, 3))
@@ -234,6 +238,15 @@ def test_finetunes_separable_types_and_the_best_checkpoint_predicts_alone(tiny, 
                   "--out_path", str(tmp_path / "query_pred.h5ad")])
     called = ad.read_h5ad(tmp_path / "query_pred.h5ad").obs["scbert_celltype"].astype(str).to_numpy()
     assert np.mean(called == np.asarray(classes)[labels[valid]]) == pytest.approx(best["accuracy"])
+    assert load_checkpoint(str(alone)).payload["model_type"] == "performer"
+    # One macro-F1: fine-tuning's validation figure, predict's metrics and the demo's table agree on these cells.
+    import demo
+    from metrics import annotation_metrics
+
+    truth = np.asarray(classes)[labels[valid]]
+    scored, _ = annotation_metrics(truth, called, classes, novel_type=False)
+    assert scored["macro_f1"] == pytest.approx(best["macro_f1"], abs=1e-12)
+    assert demo.summarise(truth, called, classes)["macro_f1"] == pytest.approx(best["macro_f1"], abs=1e-12)
 
     # Files a user keeps: no-pickle labels, metrics, confusion matrix (CSV and PNG), one log line per epoch.
     assert read_label_dict(str(ckpts / "finetune_label_dict.txt")) == classes
@@ -308,7 +321,8 @@ def test_bootstrap_sampling_weights_and_smoothing_reach_training(tiny, tmp_path,
     adata = write_dataset(data, per_type=(80, 40, 20, 20))
     seen = {"train": [], "valid": []}
     criteria = []
-    original_train, original_eval, original_criterion = (finetune.train_one_epoch, finetune.evaluate,
+    # The run loop (training.fit) calls these; the criterion is finetune's own.
+    original_train, original_eval, original_criterion = (training.train_one_epoch, training.evaluate,
                                                          finetune.build_criterion)
 
     def spy_train(model, loader, *args, **kwargs):
@@ -323,8 +337,8 @@ def test_bootstrap_sampling_weights_and_smoothing_reach_training(tiny, tmp_path,
         criteria.append(original_criterion(*args, **kwargs))
         return criteria[-1]
 
-    monkeypatch.setattr(finetune, "train_one_epoch", spy_train)
-    monkeypatch.setattr(finetune, "evaluate", spy_eval)
+    monkeypatch.setattr(training, "train_one_epoch", spy_train)
+    monkeypatch.setattr(training, "evaluate", spy_eval)
     monkeypatch.setattr(finetune, "build_criterion", spy_criterion)
     finetune.main(args_for(data, tmp_path / "ckpts", "--epoch", 2, "--sampling", "bootstrap", "--class_weight",
                            "inverse", "--label_smoothing", "0.1", model_path=tiny["ckpt"]))
@@ -349,18 +363,18 @@ def test_resume_after_an_interruption_continues_where_it_stopped(tiny, tmp_path,
     finetune.main(args_for(tiny["data"], tmp_path / "whole", *argv, model_path=tiny["ckpt"]))
 
     interrupted = tmp_path / "interrupted"
-    original = finetune.train_one_epoch
+    original = training.train_one_epoch  # what the run loop calls
 
     def crash_in_epoch_3(*args, **kwargs):
         if kwargs["epoch"] == 3:
             raise KeyboardInterrupt  # as if the job were killed during epoch 3
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(finetune, "train_one_epoch", crash_in_epoch_3)
+    monkeypatch.setattr(training, "train_one_epoch", crash_in_epoch_3)
     with pytest.raises(KeyboardInterrupt):
         finetune.main(args_for(tiny["data"], interrupted, *argv, model_path=tiny["ckpt"]))
     assert (interrupted / "finetune_2.pth").exists() and not (interrupted / "finetune_3.pth").exists()
-    monkeypatch.setattr(finetune, "train_one_epoch", original)
+    monkeypatch.setattr(training, "train_one_epoch", original)
     finetune.main(args_for(tiny["data"], interrupted, *argv, model_path=tiny["ckpt"]))  # the same command again
 
     assert [r["epoch"] for r in read_log(interrupted / "finetune_log.jsonl")] == [1, 2, 3, 4]
@@ -381,16 +395,16 @@ def test_resume_after_an_interruption_continues_where_it_stopped(tiny, tmp_path,
 def test_killed_between_epoch_and_best_checkpoint_the_rerun_restores_the_best(tiny, tmp_path, monkeypatch):
     """The epoch checkpoint is written before the best one; a kill in between loses no result."""
     argv = ["--epoch", 1, "--patience", 0]
-    original = finetune.save_best
+    original = classification.save_best  # what the classification run calls
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt  # as if the job were killed right after the epoch checkpoint was written
 
-    monkeypatch.setattr(finetune, "save_best", killed)
+    monkeypatch.setattr(classification, "save_best", killed)
     with pytest.raises(KeyboardInterrupt):
         finetune.main(args_for(tiny["data"], tmp_path, *argv, model_path=tiny["ckpt"]))
     assert (tmp_path / "finetune_1.pth").exists() and not (tmp_path / "finetune_best.pth").exists()
-    monkeypatch.setattr(finetune, "save_best", original)
+    monkeypatch.setattr(classification, "save_best", original)
     finetune.main(args_for(tiny["data"], tmp_path, *argv, model_path=tiny["ckpt"]))  # the same command again
     best = load_checkpoint(str(tmp_path / "finetune_best.pth"))
     epoch = load_checkpoint(str(tmp_path / "finetune_1.pth"))

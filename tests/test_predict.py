@@ -12,8 +12,11 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+import annotate
 import predict
-from performer_pytorch import ClassificationHead, PerformerLM, checkpoint_payload, save_checkpoint
+from metrics import annotation_metrics
+from models import ScbertPerformer
+from performer_pytorch import ClassificationHead, checkpoint_payload, save_checkpoint
 from performer_pytorch.interpret import attention_received
 from tests.conftest import ROOT
 from utils import PREPROCESS_UNS_KEY, ScbertError, tokenize
@@ -26,8 +29,8 @@ REF_CLASSES = ["alpha", "beta", "delta", "gamma", "epsilon"]
 
 def tiny_model(n_classes=3, lm=False):
     torch.manual_seed(0)
-    model = PerformerLM(num_tokens=7, max_seq_len=len(GENES) + 1, dim=16, depth=2, heads=2, dim_head=8,
-                        gene2vec=torch.randn(len(GENES), 16), lm_head=lm)
+    model = ScbertPerformer(num_tokens=7, max_seq_len=len(GENES) + 1, dim=16, depth=2, heads=2, dim_head=8,
+                            gene2vec=torch.randn(len(GENES), 16), lm_head=lm)
     if not lm:
         model.to_out = ClassificationHead(seq_len=len(GENES) + 1, dim=16, n_classes=n_classes)
         with torch.no_grad():  # larger weights spread the probabilities, so thresholds bite and argmaxes differ
@@ -248,7 +251,7 @@ def test_novel_type_defaults_off_and_threshold_is_a_probability(tiny, tmp_path):
 
 def test_assign_labels_is_strict_below_the_threshold():
     probs = np.array([[0.5, 0.3, 0.2], [0.49, 0.41, 0.1]], dtype=np.float32)
-    labels, conf = predict.assign_labels(probs, ["a", "b", "c"], novel_type=True, unassign_thres=0.5)
+    labels, conf = annotate.assign_labels(probs, ["a", "b", "c"], novel_type=True, unassign_thres=0.5)
     assert list(labels) == ["a", "Unassigned"] and conf.tolist() == pytest.approx([0.5, 0.49])
 
 
@@ -260,7 +263,7 @@ def test_assign_labels_is_strict_below_the_threshold():
 def test_evaluation_numbers_by_hand():
     truth = ["a", "a", "b", "b", "x", "x", "x", None]
     pred = ["a", "Unassigned", "b", "a", "Unassigned", "a", "Unassigned", "a"]
-    metrics, confusion = predict.evaluate(truth, pred, ["a", "b", "c"], novel_type=True)
+    metrics, confusion = annotation_metrics(truth, pred, ["a", "b", "c"], novel_type=True)
     assert metrics["n_cells"] == 7 and metrics["n_without_label"] == 1
     assert metrics["n_known"] == 4 and metrics["n_novel"] == 3 and metrics["novel_types"] == ["x"]
     assert metrics["accuracy"] == pytest.approx(2 / 4)
@@ -312,7 +315,7 @@ def test_attention_per_cell_and_per_type(tiny, tmp_path):
         np.testing.assert_allclose(table[name], per_cell[labels == name].mean(axis=0), rtol=1e-5)
     np.testing.assert_allclose(table["all_cells"], per_cell.mean(axis=0), rtol=1e-5)
     assert set(table.columns) == set(labels) | {"all_cells"}
-    direct = predict.predict_cells(tiny["model"], tiny["values"], batch_size=7, attention_layer=-1)
+    direct = annotate.predict_cells(tiny["model"], tiny["values"], batch_size=7, attention_layer=-1)
     np.testing.assert_allclose(direct.attention[:, :-1], per_cell, rtol=1e-5, atol=1e-7)
     with pytest.raises(ScbertError, match="--attention_layer 2 does not exist.*from -2 to 1"):
         run(tiny, tmp_path, "--attention", "type", "--attention_layer", "2", name="bad.h5ad")
@@ -391,3 +394,60 @@ def test_gpu_checkpoint_predicts_on_cpu_and_gpu_agrees(tiny, tmp_path):
     cpu = predict.main([*args, "--device", "cpu", "--out_path", str(tmp_path / "cpu.h5ad")])
     gpu = predict.main([*args, "--device", "cuda", "--out_path", str(tmp_path / "gpu.h5ad")])
     np.testing.assert_allclose(cpu.predictions.probs, gpu.predictions.probs, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The annotation API and prediction under torchrun
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_annotate_in_process_gives_the_labels_and_probabilities_of_predict_py(tiny, tmp_path):
+    cli = run(tiny, tmp_path, "--novel_type", "True", "--unassign_thres", "0.5", "--embeddings", "True",
+              "--label_key", "celltype")
+    written = ad.read_h5ad(cli.paths["h5ad"])
+    query = ad.read_h5ad(tiny["query"])
+    returned = annotate.annotate(query, tiny["ckpt"], novel_type=True, unassign_thres=0.5, embeddings=True,
+                                 label_key="celltype")
+    assert returned is query  # in place, as scanpy's functions; copy=True leaves the input alone
+    assert list(returned.obs["scbert_celltype"]) == list(written.obs["scbert_celltype"])
+    assert list(returned.obs["scbert_celltype"].cat.categories) == CLASSES + ["Unassigned"]
+    np.testing.assert_array_equal(returned.obsm["scbert_probabilities"], written.obsm["scbert_probabilities"])
+    np.testing.assert_array_equal(returned.obsm["X_scbert"], written.obsm["X_scbert"])
+    assert returned.uns["scbert_predict"]["metrics"] == pytest.approx(dict(written.uns["scbert_predict"]["metrics"]))
+    untouched = ad.read_h5ad(tiny["query"])
+    copied = annotate.annotate(untouched, tiny["ckpt"], copy=True)
+    assert "scbert_celltype" not in untouched.obs and "scbert_celltype" in copied.obs
+    with pytest.raises(ScbertError, match="raw counts"):
+        annotate.annotate(ad.AnnData(X=np.full((3, len(GENES)), 40.0, dtype=np.float32),
+                                     var=pd.DataFrame(index=GENES)), tiny["ckpt"])
+    with pytest.raises(ScbertError, match="not the model's 20 genes in order"):
+        annotate.annotate(ad.AnnData(X=np.zeros((3, len(GENES)), dtype=np.float32),
+                                     var=pd.DataFrame(index=GENES[::-1])), tiny["ckpt"])
+
+
+def test_two_processes_under_torchrun_write_what_one_process_writes(tiny, tmp_path):
+    import os
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    extra = ["--novel_type", "True", "--embeddings", "True", "--attention", "cell", "--batch_size", "4",
+             "--label_key", "celltype"]
+    one = run(tiny, tmp_path, *extra, name="one.h5ad")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": port}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+           "predict.py", "--data_path", tiny["query"], "--model_path", tiny["ckpt"], "--device", "cpu",
+           "--out_path", str(tmp_path / "two.h5ad"), *extra]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = ad.read_h5ad(tmp_path / "two.h5ad")
+    assert list(two.obs["scbert_celltype"]) == list(one.adata.obs["scbert_celltype"])
+    np.testing.assert_allclose(two.obsm["scbert_probabilities"], one.predictions.probs, atol=1e-6)
+    np.testing.assert_allclose(two.obsm["X_scbert"], one.adata.obsm["X_scbert"], atol=1e-6)
+    np.testing.assert_allclose(np.load(tmp_path / "two_attention_cells.npy"),
+                               np.load(tmp_path / "one_attention_cells.npy"), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(pd.read_csv(tmp_path / "two_attention.csv", index_col=0).to_numpy(),
+                               pd.read_csv(tmp_path / "one_attention.csv", index_col=0).to_numpy(), rtol=1e-5)
+    assert (tmp_path / "two_metrics.json").read_text() == (tmp_path / "one_metrics.json").read_text()
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]

@@ -63,6 +63,7 @@ def test_checkpoints_and_log_are_written_in_the_reference_naming(run, data):
     records, ckpt_dir = run
     ckpt = load_checkpoint(str(ckpt_dir / "tiny_2.pth"))
     assert ckpt.genes == [f"G{i}" for i in range(48)] and ckpt.head == {"type": "lm"}
+    assert ckpt.payload["model_type"] == "performer" and ckpt.model_type == "performer"
     assert ckpt.payload["epoch"] == 2 and ckpt.payload["scheduler_state_dict"]["last_epoch"] == 2
     model = build_model(ckpt)
     # The reference's loader: torch.load(...)["model_state_dict"] into a model built from the same flags.
@@ -150,7 +151,7 @@ def test_killed_run_resumes_from_the_next_epoch_with_the_saved_optimiser_state(d
     saved = torch.load(killed / f"k_{done}.pth", weights_only=True)["optimizer_state_dict"]
 
     restored = {}
-    original = pretrain.restore_training_state
+    original = training.restore_training_state  # what start_run calls
 
     def spy(path, **kwargs):
         payload = original(path, **kwargs)
@@ -159,7 +160,7 @@ def test_killed_run_resumes_from_the_next_epoch_with_the_saved_optimiser_state(d
         restored["state"] = {k: {name: v.clone() for name, v in s.items()} for k, s in state.items()}
         return payload
 
-    monkeypatch.setattr(pretrain, "restore_training_state", spy)
+    monkeypatch.setattr(training, "restore_training_state", spy)
     # One thread here (tests/conftest.py) as in the killed process: the same arithmetic.
     resumed = pretrain.main([*args, "--epoch", str(done + 1), "--ckpt_dir", str(killed), "--resume", "True"])
     whole = pretrain.main([*args, "--epoch", str(done + 1), "--ckpt_dir", str(uninterrupted)])

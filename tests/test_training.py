@@ -347,6 +347,75 @@ def test_checkpoint_roundtrip_restores_model_optimiser_scheduler_and_random_stat
         training.restore_training_state(path, model=fresh, ctx=ctx, genes=["a", "b", "d", "c"])
 
 
+class _Counter:
+    """A stateful object a new kind of run might add (as CANAL's stage state or early stopping are)."""
+
+    def __init__(self, value=0):
+        self.value = value
+
+    def state_dict(self):
+        return {"value": self.value}
+
+    def load_state_dict(self, state):
+        self.value = state["value"]
+
+
+def test_run_state_is_a_list_of_named_stateful_objects(tmp_path):
+    ctx = training.DistContext()
+    model = _tiny_model()
+    path = training.epoch_checkpoint_path(str(tmp_path), "m", 1)
+    settings = training.RunSettings("m", unfreeze_layers="-2")
+    training.save_training_checkpoint(path, model=model, ctx=ctx, genes=None, epoch=1,
+                                      state={"counter": _Counter(7), "settings": settings})
+    assert torch.load(path, weights_only=True)["counter_state_dict"] == {"value": 7}
+    restored = _Counter()
+    training.restore_training_state(path, model=_tiny_model(), ctx=ctx, genes=None,
+                                    state={"counter": restored, "settings": training.RunSettings("m",
+                                                                                                 unfreeze_layers="-2")})
+    assert restored.value == 7
+    with pytest.raises(ScbertError, match="--unfreeze_layers all \\(that run: -2\\)"):
+        training.restore_training_state(path, model=_tiny_model(), ctx=ctx, genes=None,
+                                        state={"settings": training.RunSettings("m", unfreeze_layers="all")})
+
+
+def test_fit_runs_the_epoch_skeleton_and_resumes_a_run_with_its_objects(tmp_path):
+    genes = write_preprocessed(tmp_path / "d.h5ad", n_cells=40, n_modules=2, genes_per_module=2)
+    argv = ["--data_path", str(tmp_path / "d.h5ad"), "--gene_num", "4", "--dim", "8", "--depth", "1", "--heads",
+            "2", "--dim_head", "4", "--pos_embed", "False", "--batch_size", "8", "--grad_acc", "1",
+            "--ckpt_dir", str(tmp_path), "--model_name", "f", "--valid_every", "2"]
+    adata = training.load_training_data(common_args(argv))
+    seen = []
+
+    def go(epochs):
+        args = common_args([*argv, "--epoch", str(epochs)])
+        counter = _Counter()
+        run = training.start_run(args, training.DistContext(), genes=genes,
+                                 make_model=lambda: training.build_model_from_args(args, genes, head="lm"),
+                                 train_set=training.CellDataset(adata.X, indices=range(30)),
+                                 valid_set=training.CellDataset(adata.X, indices=range(30, 40)),
+                                 resume_path=training.resolve_resume(args), clip_norm=1.0, state={"counter": counter})
+
+        def loss_fn(model, batch):
+            counter.value += 1
+            return model(batch["tokens"]).float().pow(2).mean(), {}
+
+        def train_summary(train):
+            seen.append(counter.value)
+            return {"train_loss": train["loss"]}
+
+        return run, training.fit(run, loss_fn, lambda model, batch: {"n": batch["tokens"].shape[0]},
+                                 train_summary=train_summary, valid_summary=lambda v, e: {"valid_n": v["n"]},
+                                 line=lambda r: f"epoch {r['epoch']}")
+
+    run, records = go(3)
+    assert [r["epoch"] for r in records] == [1, 2, 3] and seen == [4, 8, 12]  # 30 cells in batches of 8
+    assert [("valid_n" in r) for r in records] == [False, True, True]  # every 2nd epoch and the last
+    assert load_checkpoint(str(tmp_path / "f_3.pth")).payload["model_type"] == "performer"
+    run, records = go(4)  # rerunning with more epochs continues, counter and schedule included
+    assert run.start_epoch == 4 and [r["epoch"] for r in records] == [4] and seen[-1] == 16
+    assert run.scheduler.last_epoch == 4
+
+
 def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     model, ctx = _tiny_model(), training.DistContext()
     path = training.epoch_checkpoint_path(str(tmp_path), "m", 1)

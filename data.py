@@ -1,0 +1,218 @@
+"""Training data: the preprocessed input checked against the flags and a checkpoint, datasets, samplers, loaders.
+
+- `load_training_data(args, genes=...)`: the preprocessed `.h5ad`, checked (written by preprocess.py, `--gene_num`,
+  the genes of a checkpoint); `check_gene_num`, `check_checkpoint_genes`; `split_indices`.
+- `CellDataset`: one cell at a time from the CSR matrix, made into batch entries by the model family's vocab.
+- `build_loader`: DistributedSampler for training, `ShardSampler` (every cell exactly once over the ranks) for
+  evaluation, or any sampler given (e.g. `BootstrapSampler`); `set_loader_epoch`; `to_device`, `batch_cells`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from distributed import DistContext
+from models import BinVocab, Vocab
+from utils import PREPROCESS_UNS_KEY, ScbertError, check_gene_order, read_preprocessed
+
+__all__ = [
+    "BootstrapSampler",
+    "CellDataset",
+    "ShardSampler",
+    "batch_cells",
+    "build_loader",
+    "check_checkpoint_genes",
+    "check_gene_num",
+    "load_training_data",
+    "set_loader_epoch",
+    "split_indices",
+    "to_device",
+]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def check_gene_num(gene_num: int, n_genes: int, data_path: str) -> None:
+    """`--gene_num` must equal the data's gene count: the model's sequence length is gene_num + 1."""
+    if gene_num != n_genes:
+        raise ScbertError(
+            f"--gene_num {gene_num} does not match {data_path!r}, which has {n_genes} genes: pass --gene_num "
+            f"{n_genes} (or preprocess the data onto the {gene_num}-gene reference list)"
+        )
+
+
+def load_training_data(
+    args: argparse.Namespace, *, genes: Sequence[str] | None = None, genes_source: str | None = None
+):
+    """Read `--data_path` (a preprocess.py output) and check it against the flags and, if given, a gene list.
+
+    genes: the gene list of a checkpoint being resumed or started from; the data's genes must equal it in order.
+    Returns the AnnData with X as CSR float32. Raises ScbertError when the file was not written by preprocess.py,
+    when `--gene_num` differs from its gene count, or when its genes differ from `genes`.
+    """
+    if not args.data_path:
+        raise ScbertError("no input given: pass --data_path <preprocessed .h5ad from preprocess.py>")
+    fix = (f"preprocess the data with the gene list of {genes_source} (preprocess.py --ref {genes_source})"
+           if genes_source else None)
+    adata = read_preprocessed(args.data_path, genes=genes, fix_genes=fix)
+    if PREPROCESS_UNS_KEY not in adata.uns:
+        raise ScbertError(
+            f"{args.data_path!r} was not written by preprocess.py (no uns[{PREPROCESS_UNS_KEY!r}]): run preprocess.py "
+            "on the raw counts first, so the genes are aligned to the reference list and the values normalised"
+        )
+    check_gene_num(args.gene_num, adata.n_vars, args.data_path)
+    return adata
+
+
+def split_indices(
+    n: int, test_size: float, seed: int, stratify: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(train, valid) cell indices from sklearn's train_test_split with random_state=seed (same on every rank)."""
+    from sklearn.model_selection import train_test_split
+
+    train, valid = train_test_split(np.arange(n), test_size=test_size, random_state=seed, stratify=stratify)
+    return np.sort(train), np.sort(valid)
+
+
+class CellDataset(Dataset):
+    """Cells of a CSR matrix, tokenised one at a time (never densifying the whole matrix).
+
+    matrix: (cells, genes) CSR log2(1 + CP10K) values. indices: which rows to serve (default all).
+    labels: optional integer label per row of `matrix`. vocab: the model family's vocabulary (`model.vocab`), which
+    turns a cell's values into its batch entries; default scBERT's bins with `bin_num`.
+    Items: the vocab's entries ({"tokens": (genes + 1,) int64} for the Performer), "index": row number in `matrix`,
+    "label": int64 (when labels given).
+    """
+
+    def __init__(self, matrix: sp.spmatrix, *, bin_num: int = 5, indices: Sequence[int] | None = None,
+                 labels: Sequence[int] | np.ndarray | None = None, vocab: Vocab | None = None):
+        self.matrix = matrix if sp.isspmatrix_csr(matrix) else sp.csr_matrix(matrix)
+        self.vocab = vocab if vocab is not None else BinVocab(bin_num=bin_num, gene_num=self.matrix.shape[1])
+        self.indices = np.arange(self.matrix.shape[0]) if indices is None else np.asarray(indices, dtype=np.int64)
+        self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, item: int) -> dict[str, Any]:
+        row = int(self.indices[item])
+        start, end = self.matrix.indptr[row], self.matrix.indptr[row + 1]
+        values = np.zeros(self.matrix.shape[1], dtype=np.float32)
+        values[self.matrix.indices[start:end]] = self.matrix.data[start:end]
+        out = {**self.vocab.make_cell(values), "index": row}
+        if self.labels is not None:
+            out["label"] = int(self.labels[row])
+        return out
+
+
+class ShardSampler(Sampler[int]):
+    """Evaluation order: rank r takes positions r, r + world_size, ...: every item exactly once over all ranks."""
+
+    def __init__(self, n: int, rank: int = 0, world_size: int = 1):
+        self.n, self.rank, self.world_size = n, rank, world_size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.n, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.world_size))
+
+
+class BootstrapSampler(Sampler[int]):
+    """Each epoch, ceil(n / world_size) positions drawn with replacement per rank (the reference's sampling).
+
+    Seeded by (seed, epoch, rank) through `set_epoch`, so runs and resumes repeat; every rank has the same count,
+    which DDP needs.
+    """
+
+    def __init__(self, n: int, *, rank: int = 0, world_size: int = 1, seed: int = 0):
+        self.n, self.rank, self.world_size, self.seed, self.epoch = n, rank, world_size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 1009 + self.rank)
+        return iter(torch.randint(self.n, (len(self),), generator=generator).tolist())
+
+
+def build_loader(
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    ctx: DistContext,
+    train: bool,
+    seed: int = 0,
+    num_workers: int = 0,
+    sampler: Sampler | None = None,
+) -> DataLoader:
+    """A DataLoader over this rank's share of `dataset`.
+
+    train=True: a shuffling DistributedSampler (also for one process; call `set_loader_epoch` each epoch), padded so
+    every rank runs the same number of steps. train=False: `ShardSampler`, every item exactly once over the ranks,
+    in order. sampler: use this one instead (e.g. `BootstrapSampler`); it should give each rank the same length.
+    """
+    if sampler is None:
+        if train:
+            sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
+                                         seed=seed, drop_last=False)
+        else:
+            sampler = ShardSampler(len(dataset), ctx.rank, ctx.world_size)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      pin_memory=ctx.device.type == "cuda", persistent_workers=num_workers > 0)
+
+
+def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
+    """Tell the loader's sampler which epoch it is (a new shuffle per epoch, identical on a resumed run)."""
+    if hasattr(loader.sampler, "set_epoch"):
+        loader.sampler.set_epoch(epoch)
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, list | tuple):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def batch_cells(batch: Any) -> int:
+    if isinstance(batch, dict):
+        return int(next(iter(batch.values())).shape[0])
+    if isinstance(batch, list | tuple):
+        return int(batch[0].shape[0])
+    return int(batch.shape[0])
+
+
+
+def check_checkpoint_genes(
+    ckpt_genes: Sequence[str] | None, data_genes: Sequence[str], path: str, *, n_positions: int | None = None
+) -> None:
+    """A checkpoint's gene list must equal the data's (same genes, same order); reference files carry none, so only
+    their length can be checked."""
+    if ckpt_genes is None:
+        if n_positions is not None and n_positions != len(data_genes):
+            raise ScbertError(
+                f"{path!r} was trained on {n_positions} genes but the data have {len(data_genes)}: preprocess the "
+                "data onto that model's gene list"
+            )
+        print(f"warning: {path!r} stores no gene list, so the data's gene order cannot be checked against it",
+              file=sys.stderr)
+        return
+    check_gene_order(data_genes, ckpt_genes, data_name="--data_path",
+                     fix=f"preprocess the data with --ref {path} so they use the checkpoint's gene list")

@@ -1,0 +1,271 @@
+"""The files of a training run: epoch checkpoints, resuming, and the JSONL log.
+
+A run's state is the model plus a mapping of named stateful objects (anything with `state_dict()` and
+`load_state_dict()`: the optimiser, the schedule, the AMP scaler, early stopping, ...). Each is saved under
+`<name>_state_dict` (so the reference's `optimizer_state_dict` and `scheduler_state_dict` keep their names) with every
+rank's random state, and restored from there: a new kind of run adds an object, not a new checkpoint field.
+
+- `epoch_checkpoint_path`, `named_checkpoint_path`; `save_training_checkpoint` (called on every rank; rank 0 writes
+  atomically); `find_latest_checkpoint`, `resolve_resume`, `restore_training_state`.
+- `RunSettings`: settings a resumed run must share with the saved one (refuses a resume that changed them).
+- `JsonlLogger`: one JSON line per epoch, rank 0 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from data import check_checkpoint_genes
+from distributed import DistContext, barrier, gather_rng_states, seed_everything, set_rng_state, unwrap_model
+from models import model_family
+from performer_pytorch import checkpoint_payload, load_checkpoint, save_checkpoint
+from performer_pytorch.checkpoint import CheckpointError, read_checkpoint_file
+from utils import ScbertError
+
+__all__ = [
+    "JsonlLogger",
+    "RunSettings",
+    "epoch_checkpoint_path",
+    "find_latest_checkpoint",
+    "named_checkpoint_path",
+    "resolve_resume",
+    "restore_training_state",
+    "save_training_checkpoint",
+]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def epoch_checkpoint_path(ckpt_dir: str, model_name: str, epoch: int) -> str:
+    """`<ckpt_dir>/<model_name>_<epoch>.pth`, the reference's naming."""
+    return os.path.join(ckpt_dir, f"{model_name}_{epoch}.pth")
+
+
+def named_checkpoint_path(ckpt_dir: str, model_name: str, name: str) -> str:
+    """`<ckpt_dir>/<model_name>_<name>.pth`, e.g. name "best" for fine-tuning's best model."""
+    return os.path.join(ckpt_dir, f"{model_name}_{name}.pth")
+
+
+def _plain_args(args: argparse.Namespace | dict | None) -> dict[str, Any]:
+    items = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
+    return {k: v for k, v in items.items() if v is None or isinstance(v, str | int | float | bool)}
+
+
+def _state_objects(optimizer: Any, scheduler: Any, amp: Any, state: Mapping[str, Any] | None) -> dict[str, Any]:
+    objects = {"optimizer": optimizer, "scheduler": scheduler, "amp": amp, **(state or {})}
+    return {name: obj for name, obj in objects.items() if obj is not None}
+
+
+def save_training_checkpoint(
+    path: str,
+    *,
+    model: torch.nn.Module,
+    ctx: DistContext,
+    genes: Sequence[str] | None,
+    epoch: int,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    amp: Any = None,
+    state: Mapping[str, Any] | None = None,
+    classes: Sequence[str] | None = None,
+    args: argparse.Namespace | dict | None = None,
+    losses: float | None = None,
+    **extra: Any,
+) -> None:
+    """Save a checkpoint; call it on EVERY rank (it gathers each rank's random state), rank 0 writes atomically, then
+    all wait at a barrier.
+
+    Writes `path` holding the reference's keys (`epoch`, `model_state_dict`, `optimizer_state_dict`,
+    `scheduler_state_dict`, `losses`), ours (`model_type`, `config`, `head`, `genes`, `classes`, `rng` (one entry
+    per rank), `world_size`, `args`, `extra`) and `<name>_state_dict` for the optimiser, scheduler, `amp` and each
+    named object of `state`.
+    """
+    rng = gather_rng_states(ctx)
+    if ctx.is_main:
+        states = {f"{name}_state_dict": obj.state_dict()
+                  for name, obj in _state_objects(optimizer, scheduler, amp, state).items()}
+        states.setdefault("optimizer_state_dict", None)
+        states.setdefault("scheduler_state_dict", None)
+        states.setdefault("amp_state_dict", {})
+        payload = checkpoint_payload(
+            model,
+            genes=list(genes) if genes is not None else None,
+            classes=list(classes) if classes is not None else None,
+            epoch=int(epoch),
+            losses=losses,
+            rng=rng,
+            world_size=ctx.world_size,
+            args=_plain_args(args),
+            **states,
+            **extra,
+        )
+        save_checkpoint(payload, path)
+    barrier(ctx)
+
+
+class RunSettings:
+    """Settings a resumed run must share with the run it continues (e.g. what trains): saved as a stateful object;
+    restoring it from a run with other values raises ScbertError naming them."""
+
+    def __init__(self, path_hint: str = "", **settings: Any):
+        self.settings = settings
+        self.path_hint = path_hint
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.settings)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        differing = sorted(k for k in self.settings if k in state and state[k] != self.settings[k])
+        if differing:
+            detail = ", ".join(f"--{k} {self.settings[k]} (that run: {state[k]})" for k in differing)
+            raise ScbertError(
+                f"cannot resume {self.path_hint or 'the run'} with {detail}: rerun with that run's settings, or pass "
+                "another --model_name"
+            )
+
+
+_EPOCH_FILE = re.compile(r"^(?P<name>.+)_(?P<epoch>\d+)\.pth$")
+
+
+def find_latest_checkpoint(ckpt_dir: str, model_name: str) -> tuple[str, int] | None:
+    """(path, epoch) of the highest-epoch `<model_name>_<epoch>.pth` in ckpt_dir that reads as a checkpoint, or None.
+
+    Files that do not read (e.g. truncated by a copy) are skipped with a warning; our own writes are atomic, so a
+    killed run never leaves one.
+    """
+    if not os.path.isdir(ckpt_dir):
+        return None
+    found = []
+    for name in os.listdir(ckpt_dir):
+        match = _EPOCH_FILE.match(name)
+        if match and match.group("name") == model_name:
+            found.append((int(match.group("epoch")), os.path.join(ckpt_dir, name)))
+    for epoch, path in sorted(found, reverse=True):
+        try:
+            read_checkpoint_file(path)
+        except CheckpointError as err:
+            print(f"warning: skipping unreadable checkpoint {path!r}: {err}", file=sys.stderr)
+            continue
+        return path, epoch
+    return None
+
+
+def resolve_resume(args: argparse.Namespace) -> str | None:
+    """The checkpoint to resume from under `--resume` (None/True/False), or None to start fresh.
+
+    None (default): the latest epoch checkpoint of `--model_name` when one exists. True: that checkpoint, an error
+    if there is none. False: start fresh, an error if epoch checkpoints of this name exist (they would be overwritten).
+    """
+    latest = find_latest_checkpoint(args.ckpt_dir, args.model_name)
+    if args.resume is None:
+        return latest[0] if latest else None
+    if args.resume:
+        if latest is None:
+            raise ScbertError(
+                f"--resume True but {args.ckpt_dir!r} holds no checkpoint {args.model_name}_<epoch>.pth: check "
+                "--ckpt_dir and --model_name, or drop --resume to start a new run"
+            )
+        return latest[0]
+    if latest is not None:
+        raise ScbertError(
+            f"--resume False but {latest[0]!r} exists and a fresh run would overwrite it: pass another "
+            "--model_name or --ckpt_dir, move the old checkpoints away, or drop --resume to continue that run"
+        )
+    return None
+
+
+def restore_training_state(
+    path: str,
+    *,
+    model: torch.nn.Module,
+    ctx: DistContext,
+    genes: Sequence[str] | None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    amp: Any = None,
+    state: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Load a `save_training_checkpoint` file into the model (strict), the optimiser, scheduler, scaler and each
+    named object of `state` (those the file holds), and this rank's random state. Checks that the checkpoint's genes
+    equal `genes` and its architecture the model's.
+
+    Returns the checkpoint's payload (use `payload["epoch"] + 1` as the first epoch to run).
+    """
+    ckpt = load_checkpoint(path)
+    if genes is not None:
+        n_positions = model_family(ckpt.model_type).vocab_for(ckpt.config).gene_num
+        check_checkpoint_genes(ckpt.genes, genes, path, n_positions=n_positions)
+    _load_model_state(path, ckpt, unwrap_model(model))
+    payload = ckpt.payload
+    for name, obj in _state_objects(optimizer, scheduler, amp, state).items():
+        if payload.get(f"{name}_state_dict"):
+            obj.load_state_dict(payload[f"{name}_state_dict"])
+    states = payload.get("rng") or []
+    if len(states) == ctx.world_size:
+        set_rng_state(states[ctx.rank])
+    else:
+        # A different number of ranks: no state belongs to this rank; a fresh, still distinct, seed per rank.
+        seed = int(payload.get("args", {}).get("seed", 0) or 0)
+        seed_everything(seed + 7919 * int(payload.get("epoch", 0)), ctx.rank)
+    return payload
+
+
+def _load_model_state(path: str, ckpt, core: torch.nn.Module) -> None:
+    own = getattr(core, "config", None)
+    if own is not None:
+        differing = sorted(k for k in own if k in ckpt.config and ckpt.config[k] != own[k])
+        if ckpt.model_type != getattr(core, "model_type", ckpt.model_type):
+            differing.insert(0, "model_type")
+        if differing:
+            theirs = {**ckpt.config, "model_type": ckpt.model_type}
+            mine = {**own, "model_type": getattr(core, "model_type", None)}
+            detail = ", ".join(f"{k}: checkpoint {theirs[k]!r} vs now {mine[k]!r}" for k in differing)
+            raise ScbertError(
+                f"cannot resume from {path!r}: the model flags differ from that run ({detail}); rerun with that "
+                "run's flags, or pass another --model_name to start a separate run"
+            )
+    try:
+        core.load_state_dict(ckpt.state_dict, strict=True)
+    except RuntimeError as err:
+        raise ScbertError(
+            f"cannot resume from {path!r}: its weights do not fit the model ({' '.join(str(err).split())[:200]}): "
+            "rerun with that run's flags"
+        ) from err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Logs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class JsonlLogger:
+    """Appends one JSON object per line to `path` (rank 0 only; other ranks do nothing)."""
+
+    def __init__(self, path: str, ctx: DistContext):
+        self.path, self.enabled = path, ctx.is_main
+        if self.enabled:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        clean = {}
+        for key, value in record.items():
+            if isinstance(value, torch.Tensor | np.floating):
+                value = float(value)
+            clean[key] = None if isinstance(value, float) and not math.isfinite(value) else value  # strict JSON
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(clean) + "\n")
