@@ -27,6 +27,7 @@ from torch import nn
 
 from data import BootstrapSampler, CellDataset, split_indices
 from distributed import DistContext, print0
+from head_health import HeadGuard
 from label_io import write_label_files
 from metrics import classification_metrics, plot_confusion, write_confusion_csv
 from models import parse_block_spec
@@ -405,8 +406,9 @@ def train_classifier(
             "or --ckpt_dir, or move it away"
         )
     stopper = EarlyStopping(args.patience)
+    guard = HeadGuard()  # a head that starts alive; a dead one restarted, never kept as best (head_health.py)
     state = {"early_stopping": stopper, "settings": RunSettings(repr(resume_path), **(settings or {})),
-             **(state or {})}
+             "head_guard": guard, **(state or {})}
     sampler = (BootstrapSampler(len(train_idx), rank=ctx.rank, world_size=ctx.world_size, seed=args.seed)
                if args.sampling == "bootstrap" else None)
     run = start_run(args, ctx, make_model=lambda: make_model(resume_path), genes=genes,
@@ -414,6 +416,8 @@ def train_classifier(
                     valid_set=CellDataset(adata.X, indices=valid_idx, labels=labels),
                     resume_path=resume_path, clip_norm=clip_norm, divide_by_grad_acc=args.loss_div_grad_acc,
                     classes=classes, state=state, sampler=sampler, make_scheduler=make_scheduler)
+    guard.attach(run.model, run.optimizer, run.train_loader.dataset, fresh=run.resumed_from is None,
+                 log=lambda line: print0(line, ctx=ctx))
     keep = dict(ctx=ctx, genes=genes, classes=classes, labels=labels)
     best = stopper.best_metrics
     if best is not None and best["epoch"] == run.start_epoch - 1 and not _best_is_at(best_path, best["epoch"]):
@@ -423,10 +427,12 @@ def train_classifier(
 
     def valid_summary(valid: dict[str, Any], epoch: int) -> dict[str, Any]:
         metrics = classification_metrics(valid["label"].numpy(), valid["pred"].numpy(), classes)
-        improved = stopper.update(metrics["accuracy"], epoch, metrics)
+        health = guard.check(epoch)
+        improved = not health.dead and stopper.update(metrics["accuracy"], epoch, metrics)  # never a constant model
         return {"valid_loss": valid["loss_sum"] / max(valid["cells"], 1), "valid_acc": metrics["accuracy"],
                 "valid_macro_f1": metrics["macro_f1"], "valid_cells": int(valid["cells"]),
-                "valid_time": valid["time"], "best": improved}
+                "valid_time": valid["time"], "best": improved, "gene_scores_positive": health.positive_share,
+                "head_dead": health.dead}
 
     def after_save(record: dict[str, Any]) -> None:
         if record.get("best"):
@@ -435,9 +441,12 @@ def train_classifier(
     def stop_reason() -> str | None:
         return f"no better validation accuracy for {args.patience} validations" if stopper.should_stop else None
 
-    fit(run, loss_fn, validation_step, train_summary=functools.partial(_train_summary, fold=fold),
-        valid_summary=valid_summary, line=_epoch_line, stop_reason=stop_reason, after_save=after_save,
-        keep_epoch_ckpts=args.keep_epoch_ckpts)
+    try:
+        fit(run, loss_fn, validation_step, train_summary=functools.partial(_train_summary, fold=fold),
+            valid_summary=valid_summary, line=_epoch_line, stop_reason=stop_reason, after_save=after_save,
+            keep_epoch_ckpts=args.keep_epoch_ckpts)
+    finally:
+        guard.close()
     if stopper.best_metrics is None:
         raise ScbertError(f"run {args.model_name!r} finished without a validation: lower --valid_every or raise "
                           "--epoch")

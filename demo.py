@@ -243,7 +243,8 @@ def write_reference_genes(var_names: Sequence[str], path: str) -> None:
 def print_table(results: dict) -> None:
     novel = results["novel_type"]
     print("\n" + "=" * 78)
-    print(f"Held-out PBMCs: {results['cells']['query']} cells; '{novel}' never seen in training")
+    print(f"Held-out PBMCs: {results['cells']['query']} cells; '{novel}' never seen in training "
+          f"(seed {results['seed']})")
     print(f"{'method':<26}{'accuracy':>10}{'macro-F1':>10}{'novel as Unassigned':>21}{'known Unassigned':>18}")
     for method in ("scBERT", "L1 logistic regression"):
         row = results[method]

@@ -13,7 +13,10 @@ trained on pairs of strongly co-expressed genes, so this script rebuilds such a 
 3. The pairs of all files are pooled and skip-gram word2vec is trained on them with Gene2vec's settings (window 1,
    min_count 1, negative sampling, passes with the pairs reshuffled before each pass; by default as many passes
    as give the average gene about 1,000 updates, at least Gene2vec's 10).
-4. The vectors are put in the reference gene order; reference genes without a vector get the `--fallback` row.
+   Besides, each gene's `--partners` (5) strongest positive correlations are kept whatever the threshold, so every
+   gene expressed in `--min_cells` cells trains.
+4. The vectors are put in the reference gene order; reference genes without a vector get the `--fallback` row
+   (by default a distinct seeded random row, so every reference gene has its own identity).
 
 Or convert the published Gene2vec text release (one gene symbol then its vector per line):
 
@@ -60,6 +63,13 @@ DEFAULT_SAMPLE = 0.0
 # their random start, many more let each gene memorise its own partners.
 GENE_UPDATES = 1000
 FALLBACKS = ("zero", "random")
+# Every gene a distinct identity (issue 15): with the threshold alone, 70% of pbmc68k_reduced's genes got the zero
+# row, so a token of CD79A and one of NKG7 in the same bin looked the same. Each expressed gene's 5 strongest
+# partners put all 736 genes expressed in 10+ cells into training (243 with r >= 0.3 alone); the seeded random row
+# gives the rest (genes seen in fewer cells, or absent) a distinct identity. Measured with
+# benchmarks/bench_accuracy.py (README, "Gene identity"); the earlier defaults were 0 and zero.
+DEFAULT_PARTNERS = 5
+DEFAULT_FALLBACK = "random"
 # Pairs per gensim training call at least (see train_gene2vec).
 _MIN_CALL_PAIRS = 100_000
 
@@ -82,15 +92,17 @@ def log_normalise(counts: sp.spmatrix | np.ndarray, *, copy: bool = True) -> sp.
     return X
 
 
-def _first_occurrences(names: Sequence[str | None]) -> np.ndarray:
-    """Positions of the first occurrence of each non-None name, in input order."""
-    seen: set[str] = set()
-    keep = []
+def _first_occurrences(names: Sequence[str | None], preferred: Sequence[bool] | None = None) -> np.ndarray:
+    """Positions of one occurrence of each non-None name, in input order: the first one, or the first `preferred`
+    one where there is one (the column already named as the current symbol, as preprocess.py keeps)."""
+    chosen: dict[str, int] = {}
     for i, name in enumerate(names):
-        if name is not None and name not in seen:
-            seen.add(name)
-            keep.append(i)
-    return np.asarray(keep, dtype=np.int64)
+        if name is None:
+            continue
+        j = chosen.get(name)
+        if j is None or (preferred is not None and preferred[i] and not preferred[j]):
+            chosen[name] = i
+    return np.asarray(sorted(chosen.values()), dtype=np.int64)
 
 
 def read_expression(path: str, *, table=None) -> tuple[sp.csr_matrix, list[str], dict]:
@@ -99,7 +111,8 @@ def read_expression(path: str, *, table=None) -> tuple[sp.csr_matrix, list[str],
     `preprocess.py` output (`uns["scbert_preprocess"]`) is used as it is: its genes are already revised reference
     symbols. Otherwise integer-valued X is taken for counts and log-normalised; non-integer, non-negative X is taken
     for log-normalised expression (Pearson r does not depend on the log base); and the symbols are revised against
-    NCBI Gene (`genes.revise_symbols`), dropping unknown ones and keeping the first of duplicated ones.
+    NCBI Gene (`genes.revise_symbols`), dropping unknown ones; of names revised to one symbol, the one already
+    current wins, else the first (as preprocess.py).
 
     Returns (X float32 CSC (cells, genes), the layout the pair search reads, so it needs no copy of its own; gene
     symbols; info dict with `kind`, `cells`, `genes_in`, `genes`).
@@ -135,7 +148,7 @@ def read_expression(path: str, *, table=None) -> tuple[sp.csr_matrix, list[str],
         else:
             info["kind"] = "log-normalised"
         revised, _report = revise_symbols(names, table)
-        keep = _first_occurrences(revised)
+        keep = _first_occurrences(revised, [new == name for new, name in zip(revised, names, strict=True)])
         names = [str(s) for s in revised]
     if keep.size == 0:
         raise ScbertError(f"no gene symbol of {path} is a known gene; pass a file whose var_names are gene symbols")
@@ -194,6 +207,7 @@ def correlated_gene_pairs(
     min_cells: int = DEFAULT_MIN_CELLS,
     block_size: int = DEFAULT_BLOCK_SIZE,
     max_pairs: int = DEFAULT_MAX_PAIRS,
+    partners: int = 0,
     progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """Gene pairs whose Pearson correlation over cells is at least `threshold`, as column indices of X.
@@ -204,6 +218,8 @@ def correlated_gene_pairs(
     about 2 * cells * block_size * 4 bytes beyond X (and a CSC copy of X unless it is CSC float32 with every gene
     tested), whatever the number of genes. Only positive correlations count
     (co-expression). If more than `max_pairs` pairs pass (0: no cap), the strongest `max_pairs` are kept.
+    partners k > 0: each tested gene's k strongest positive correlations are kept too, whatever the threshold (so
+    every tested gene takes part in training, not only those in a strong programme).
 
     Returns (first, second, r, n_genes_tested): index arrays with first < second, sorted by (first, second), the
     float32 correlations, and how many genes passed the expression filter.
@@ -225,6 +241,7 @@ def correlated_gene_pairs(
     firsts, seconds, values = [], [], []
     held = 0
     n_tested = tested.size
+    top = _TopPartners(n_tested, partners) if partners > 0 else None
     starts = range(0, n_tested, block_size)
     for start in tqdm(starts, desc="co-expression", unit="block", disable=not progress, leave=False):
         stop = min(start + block_size, n_tested)
@@ -233,6 +250,8 @@ def correlated_gene_pairs(
             stop_b = min(start_b + block_size, n_tested)
             block_b = block_a if start_b == start else _standardised_block(X, start_b, stop_b, mean, scale)
             r = block_a.T @ block_b  # (stop - start, stop_b - start_b) Pearson r
+            if top is not None:
+                top.update(r, start, start_b, diagonal=start_b == start)
             hits = r >= threshold
             if start_b == start:
                 hits = np.triu(hits, k=1)
@@ -251,8 +270,52 @@ def correlated_gene_pairs(
     r = np.concatenate(values) if values else np.zeros(0, dtype=np.float32)
     if cap is not None and first.size > cap:
         [first], [second], [r] = _strongest([first], [second], [r], cap)
+    if top is not None:
+        extra_first, extra_second, extra_r = top.pairs()
+        first = np.concatenate([first, tested[extra_first]])
+        second = np.concatenate([second, tested[extra_second]])
+        r = np.concatenate([r, extra_r])
+        _, unique = np.unique(first * np.int64(len(expressed)) + second, return_index=True)
+        first, second, r = first[unique], second[unique], r[unique]
     order = np.lexsort((second, first))
     return first[order], second[order], r[order].astype(np.float32), int(n_tested)
+
+
+class _TopPartners:
+    """Each gene's k largest positive correlations seen so far, over the blocks of the pair search."""
+
+    def __init__(self, n_genes: int, k: int):
+        self.k = k
+        self.r = np.full((n_genes, k), -np.inf, dtype=np.float32)
+        self.j = np.full((n_genes, k), -1, dtype=np.int64)
+
+    def _merge(self, rows: np.ndarray, r: np.ndarray, columns: np.ndarray) -> None:
+        # rows: (a,) gene indices; r: (a, b) their correlations with the genes `columns` (b,)
+        values = np.concatenate([self.r[rows], r], axis=1)
+        index = np.concatenate([self.j[rows], np.broadcast_to(columns, r.shape)], axis=1)
+        keep = np.argsort(-values, axis=1, kind="stable")[:, : self.k]
+        self.r[rows] = np.take_along_axis(values, keep, axis=1)
+        self.j[rows] = np.take_along_axis(index, keep, axis=1)
+
+    def update(self, r: np.ndarray, start_a: int, start_b: int, *, diagonal: bool) -> None:
+        """r: (a, b) correlations of genes start_a.. with genes start_b..; both directions are recorded."""
+        rows_a = np.arange(start_a, start_a + r.shape[0])
+        rows_b = np.arange(start_b, start_b + r.shape[1])
+        if diagonal:
+            r = r.copy()
+            np.fill_diagonal(r, -np.inf)  # a gene is not its own partner
+            self._merge(rows_a, r, rows_b)
+        else:
+            self._merge(rows_a, r, rows_b)
+            self._merge(rows_b, r.T, rows_a)
+
+    def pairs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(first, second, r) with first < second, positive correlations only (duplicates possible)."""
+        genes = np.repeat(np.arange(self.r.shape[0]), self.k)
+        partner, r = self.j.ravel(), self.r.ravel()
+        ok = (partner >= 0) & (r > 0)
+        genes, partner, r = genes[ok], partner[ok], r[ok]
+        return np.minimum(genes, partner), np.maximum(genes, partner), r.astype(np.float32)
 
 
 def _strongest(firsts: list, seconds: list, values: list, cap: int) -> tuple[list, list, list]:
@@ -270,6 +333,7 @@ def coexpression_pairs(
     min_cells: int = DEFAULT_MIN_CELLS,
     block_size: int = DEFAULT_BLOCK_SIZE,
     max_pairs: int = DEFAULT_MAX_PAIRS,
+    partners: int = 0,
 ) -> list[tuple[str, str]]:
     """Co-expressed gene pairs of one dataset as symbol pairs (see `correlated_gene_pairs` for the search).
 
@@ -278,7 +342,7 @@ def coexpression_pairs(
     if X.shape[1] != len(genes):
         raise ScbertError(f"X has {X.shape[1]} genes but {len(genes)} gene names were given")
     first, second, _r, _tested = correlated_gene_pairs(
-        X, threshold=threshold, min_cells=min_cells, block_size=block_size, max_pairs=max_pairs
+        X, threshold=threshold, min_cells=min_cells, block_size=block_size, max_pairs=max_pairs, partners=partners
     )
     return [(genes[i], genes[j]) for i, j in zip(first.tolist(), second.tolist(), strict=True)]
 
@@ -456,14 +520,13 @@ def text_vectors_bytes(vectors: Mapping[str, np.ndarray]) -> bytes:
 
 
 def revise_vector_symbols(vectors: Mapping[str, np.ndarray], *, table=None) -> tuple[dict[str, np.ndarray], dict]:
-    """Rename vectors to current NCBI symbols (as `preprocess.py` revises var_names), dropping unknown symbols and
-    keeping the first vector of symbols that revise to the same gene. Returns (vectors, report dict)."""
+    """Rename vectors to current NCBI symbols (as `preprocess.py` revises var_names), dropping unknown symbols; of
+    symbols that revise to the same gene, the one already current wins, else the first. Returns (vectors, report
+    dict)."""
     names = list(vectors)
     revised, _report = revise_symbols(names, table)
-    out: dict[str, np.ndarray] = {}
-    for name, new in zip(names, revised, strict=True):
-        if new is not None and new not in out:
-            out[str(new)] = vectors[name]
+    keep = _first_occurrences(revised, [new == name for new, name in zip(revised, names, strict=True)])
+    out = {str(revised[i]): vectors[names[i]] for i in keep}
     unknown = sum(new is None for new in revised)
     report = {"genes_in": len(names), "genes_unknown": unknown, "genes_duplicated": len(names) - unknown - len(out),
               "genes_renamed": sum(new is not None and new != name for name, new in zip(names, revised, strict=True))}
@@ -501,6 +564,7 @@ def build_from_data(
     min_cells: int = DEFAULT_MIN_CELLS,
     block_size: int = DEFAULT_BLOCK_SIZE,
     max_pairs: int = DEFAULT_MAX_PAIRS,
+    partners: int = 0,
     dim: int = 200,
     epochs: int | None = None,
     sample: float = DEFAULT_SAMPLE,
@@ -520,7 +584,7 @@ def build_from_data(
         X, symbols, info = read_expression(path, table=table)
         first, second, _r, tested = correlated_gene_pairs(
             X, threshold=threshold, min_cells=min_cells, block_size=block_size, max_pairs=max_pairs,
-            progress=verbose,
+            partners=partners, progress=verbose,
         )
         del X
         pooled.extend((symbols[i], symbols[j]) for i, j in zip(first.tolist(), second.tolist(), strict=True))
@@ -528,8 +592,9 @@ def build_from_data(
         infos.append(info)
         if verbose:
             capped = " (capped at --max_pairs)" if max_pairs > 0 and first.size == max_pairs else ""
+            kept = f"r >= {threshold}" + (f" or among a gene's {partners} strongest" if partners else "")
             print(f"{path}: {info['kind']}, {info['cells']} cells, {info['genes']} genes, {tested} expressed in "
-                  f">= {min_cells} cells, {first.size} pairs with r >= {threshold}{capped} ({info['seconds']} s)")
+                  f">= {min_cells} cells, {first.size} pairs with {kept}{capped} ({info['seconds']} s)")
     if not pooled:
         raise ScbertError(f"no gene pair reaches r >= {threshold} in any input; lower --threshold (or --min_cells)")
     t0 = time.perf_counter()
@@ -561,8 +626,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help="convert this Gene2vec text release (a symbol then its vector per line; a word2vec "
                         "header line is allowed) instead of training")
     parser.add_argument("--ref", default=None,
-                        help="reference gene list as in preprocess.py: a checkpoint, an .h5ad (its var_names) or a "
-                        "text file of symbols; default: the protein-coding list in data/")
+                        help="reference gene list as in preprocess.py: panglao (the published checkpoint's genes), "
+                        "a checkpoint, an .h5ad (its var_names) or a text file of symbols; default: the "
+                        "protein-coding list in data/")
     parser.add_argument("--out_path", required=True,
                         help=".npy to write: float32 (n_reference_genes, dim) in reference order, for "
                         "pretrain.py --gene2vec_path")
@@ -580,6 +646,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "bytes beyond the data (default: %(default)s)")
     parser.add_argument("--max_pairs", type=int, default=DEFAULT_MAX_PAIRS,
                         help="keep at most this many pairs per file, the strongest; 0: no cap (default: %(default)s)")
+    parser.add_argument("--partners", type=int, default=DEFAULT_PARTNERS,
+                        help="also keep each expressed gene's this many strongest positive correlations, whatever "
+                        "--threshold, so every gene expressed in --min_cells cells trains; 0: threshold only "
+                        "(default: %(default)s)")
     parser.add_argument("--dim", type=int, default=200,
                         help="vector length; scBERT adds the vector to its 200-wide token embedding (default: 200)")
     parser.add_argument("--epochs", type=int, default=0,
@@ -590,10 +660,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "984 datasets); 0 keeps every update, which small corpora need (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=1,
                         help="word2vec threads; only 1 gives the same vectors on every run (default: 1)")
-    parser.add_argument("--fallback", choices=FALLBACKS, default="zero",
+    parser.add_argument("--fallback", choices=FALLBACKS, default=None,
                         help="row for reference genes without a vector: 'zero' (the row of scBERT's appended token: "
-                        "no gene identity) or 'random' (seeded Gaussian with the spread of the known vectors) "
-                        "(default: zero)")
+                        "no gene identity) or 'random' (seeded Gaussian with the spread of the known vectors: a "
+                        f"distinct identity without meaning) (default: {DEFAULT_FALLBACK} when training from "
+                        "--data_path, zero with --from_txt, as the published release is converted)")
     parser.add_argument("--seed", type=int, default=2021, help="seed for word2vec, the shuffles and the random "
                         "fallback (default: 2021)")
     parser.add_argument("--overwrite", type=str2bool, default=False,
@@ -632,13 +703,13 @@ def main(argv: Sequence[str] | None = None) -> np.ndarray:
     else:
         vectors, _infos = build_from_data(
             args.data_path, threshold=args.threshold, min_cells=args.min_cells, block_size=args.block_size,
-            max_pairs=args.max_pairs, dim=args.dim, epochs=args.epochs, sample=args.sample, seed=args.seed,
-            workers=args.workers,
-            table=table,
+            max_pairs=args.max_pairs, partners=args.partners, dim=args.dim, epochs=args.epochs, sample=args.sample,
+            seed=args.seed, workers=args.workers, table=table,
         )
-    array, n_missing = align_to_reference(vectors, reference, fallback=args.fallback, seed=args.seed)
+    fallback = args.fallback or ("zero" if args.from_txt is not None else DEFAULT_FALLBACK)
+    array, n_missing = align_to_reference(vectors, reference, fallback=fallback, seed=args.seed)
     print(f"reference: {len(reference)} genes, {len(reference) - n_missing} with a vector, {n_missing} without "
-          f"(given the {args.fallback} fallback)")
+          f"(given the {fallback} fallback)")
     if n_missing * 2 > len(reference):
         print("note: most reference genes have no vector; pool more datasets (--data_path A B ...) or lower "
               "--threshold / --min_cells to cover more of them")

@@ -33,6 +33,12 @@ from utils import ScbertError
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 DEFAULT_TABLE = os.path.join(DATA_DIR, "ncbi_gene_human.tsv.gz")
 DEFAULT_REFERENCE = os.path.join(DATA_DIR, "human_protein_coding_genes.txt")
+# The published checkpoint's 16,906 genes in the order of its gene2vec rows and tokens (panglao_10000.h5ad's
+# var_names; source and licence in data/README.md), checked against this sha256 of the names joined by "\n".
+PANGLAO_REFERENCE = os.path.join(DATA_DIR, "panglao_16906_genes.txt")
+PANGLAO_SHA256 = "4c09ba1912e184682fe5e7f32e2b443bdfb7883d0d0191551b38c6c2f155600f"
+PANGLAO_GENES = 16906
+REFERENCE_NAMES = {"panglao": PANGLAO_REFERENCE}
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt")
 TABLE_COLUMNS = ("gene_id", "symbol", "type", "synonyms", "ensembl", "authority_symbol")
 
@@ -41,6 +47,8 @@ ENSEMBL_GENE_RE = re.compile(r"^(ENS[A-Z]*G\d{11})(?:\.\d+)?(?:_PAR_Y)?$")
 
 # Status of one name after revision (see the module docstring).
 CURRENT, SYNONYM, ENSEMBL, CASE, AMBIGUOUS, UNKNOWN = "current", "synonym", "ensembl", "case", "ambiguous", "unknown"
+# A name that could not be revised, revised instead by the Ensembl id beside it (preprocess.py's --id_column).
+BY_ID = "ensembl_column"
 
 
 class GeneTable:
@@ -138,6 +146,16 @@ class GeneTable:
         if upper in self._upper_current:
             return _pick(self._upper_current[upper], CASE)
         return _pick(self._upper_synonym.get(upper), CASE)
+
+    def classify_id(self, value: object) -> str | None:
+        """The current symbol of the one gene carrying this Ensembl gene id, or None (not an id, unknown, or carried
+        by genes with different symbols)."""
+        if not isinstance(value, str):
+            return None
+        match = ENSEMBL_GENE_RE.match(value.strip())
+        if not match:
+            return None
+        return _pick(self.ensembl_to_current.get(match.group(1)), ENSEMBL)[0]
 
 
 def _pick(targets: tuple[str, ...] | None, status: str) -> tuple[str | None, str]:
@@ -289,6 +307,9 @@ def _read_checkpoint_genes(path: str) -> list[str]:
         raise ScbertError(
             f"could not read the checkpoint {path} ({err}); pass a checkpoint written by this project"
         ) from err
+    if checkpoint.genes is None and checkpoint.config.get("max_seq_len") == PANGLAO_GENES + 1:
+        # A published (reference-format) checkpoint: its 16,907 tokens are the PanglaoDB genes in panglao order.
+        return read_panglao_genes()
     if checkpoint.genes is None:
         raise ScbertError(
             f"checkpoint {path} carries no gene list; pass the reference's gene list (.h5ad or text file) instead"
@@ -312,13 +333,34 @@ def _read_h5ad_var_names(path: str) -> list[str]:
         adata.file.close()
 
 
+def read_panglao_genes(path: str = PANGLAO_REFERENCE) -> list[str]:
+    """The published checkpoint's 16,906 gene symbols in order, from the shipped list, its sha256 checked."""
+    import hashlib
+
+    if not os.path.isfile(path):
+        raise ScbertError(f"{path} is missing; restore it from git (it ships with the project)")
+    with open(path, encoding="utf-8") as fh:
+        genes = fh.read().splitlines()
+    digest = hashlib.sha256("\n".join(genes).encode("utf-8")).hexdigest()
+    if digest != PANGLAO_SHA256 or len(genes) != PANGLAO_GENES:
+        raise ScbertError(
+            f"{path} is not the published gene list ({len(genes)} names, sha256 {digest[:12]}... instead of "
+            f"{PANGLAO_GENES} names, {PANGLAO_SHA256[:12]}...); restore it from git"
+        )
+    return genes
+
+
 def read_reference_genes(ref: str | None) -> list[str]:
     """The ordered reference gene list scBERT aligns data to.
 
     ref: a checkpoint (`.pth/.pt/.ckpt`, its stored genes), an `.h5ad` (its `var_names`, e.g. the published
-    `panglao_10000.h5ad`), a text file (one symbol per line, `#` comments, optionally `.gz`), or None for the
-    shipped default `data/human_protein_coding_genes.txt` (protein-coding genes of the NCBI snapshot).
+    `panglao_10000.h5ad`), a text file (one symbol per line, `#` comments, optionally `.gz`), "panglao" for the
+    shipped `data/panglao_16906_genes.txt` (the published checkpoint's genes, hash-checked; also what a published
+    checkpoint without a gene list gives), or None for the shipped default `data/human_protein_coding_genes.txt`
+    (protein-coding genes of the NCBI snapshot).
     """
+    if ref is not None and str(ref).lower() in REFERENCE_NAMES and not os.path.exists(str(ref)):
+        return read_panglao_genes(REFERENCE_NAMES[str(ref).lower()])
     path = DEFAULT_REFERENCE if ref is None else str(ref)
     if not os.path.exists(path):
         raise ScbertError(f"reference gene list {path} does not exist; pass a checkpoint, an .h5ad or a text file")

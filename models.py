@@ -283,6 +283,7 @@ class ScbertPerformer(PerformerLM):
         hidden layer `hidden`, the penultimate `h_dim`; CANAL narrows them to 128 and 64)."""
         self.to_out = ClassificationHead(seq_len=self.config["max_seq_len"], dim=self.config["dim"],
                                          n_classes=int(n_classes), h_dim=h_dim, hidden=hidden, dropout=dropout)
+        self.to_out.reset_gene_scorer()  # a scorer that starts alive whatever the encodings (see its docstring)
         return self
 
     def classify(self, batch: dict[str, torch.Tensor], return_hidden: bool = False):

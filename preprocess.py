@@ -1,14 +1,16 @@
 """Raw counts -> scBERT's input: revised gene symbols, aligned to the reference genes, log2(1 + CP10K).
 
     python preprocess.py --data_path pbmc.h5ad                 # default reference: NCBI protein-coding genes
-    python preprocess.py --data_path filtered_feature_bc_matrix/ --ref panglao_10000.h5ad --out_path pbmc_pp.h5ad
+    python preprocess.py --data_path filtered_feature_bc_matrix/ --ref panglao --out_path pbmc_pp.h5ad  # published
 
 Steps (SPEC section 1), each vectorised on sparse matrices:
 1. read counts: `.h5ad` (X, a layer, or `.raw`: `--counts_from`), a 10x folder (`matrix.mtx(.gz)`, `features.tsv(.gz)`
    or `genes.tsv(.gz)`, `barcodes.tsv(.gz)`), a 10x `.h5` (v2 or v3), or a `.csv`/`.tsv` table (cells as rows;
    `--transpose True` for genes as rows); values must be counts (finite, non-negative integers);
 2. revise gene names to current NCBI symbols (`genes.revise_symbols`; Ensembl ids are mapped); unknown and
-   ambiguous names are dropped, duplicates after revision keep the first column or are summed (`--duplicates`);
+   ambiguous names are revised by the Ensembl id beside them (`--id_column`, found automatically) or dropped;
+   several columns for one gene: the column already named as the current symbol wins, others keep the first
+   column or are summed (`--duplicates`), and each collision is reported;
 3. align to the reference gene order: missing genes are zero, extra genes dropped;
 4. drop cells with fewer than `--min_genes` (200) expressed reference genes;
 5. `normalize_total(target_sum=1e4)` then `log1p(base=2)`, equal to scanpy's.
@@ -34,6 +36,7 @@ import scipy.sparse as sp
 
 from genes import (
     AMBIGUOUS,
+    BY_ID,
     CASE,
     CURRENT,
     DEFAULT_REFERENCE,
@@ -53,6 +56,9 @@ LOW_COVERAGE = 0.5
 CHECK_CHUNK = 1 << 24
 TABLE_SUFFIXES = (".csv", ".csv.gz", ".tsv", ".tsv.gz", ".txt", ".txt.gz")
 EXAMPLES = 8
+# var columns searched, in this order, for Ensembl gene ids when --id_column is auto (10x readers write gene_ids).
+ID_COLUMNS = ("gene_ids", "gene_id", "ensembl_id", "ensembl_ids", "ensembl", "ensembl_gene_id", "gene_ensembl",
+              "ensg", "feature_id", "id")
 
 
 class PreprocessWarning(UserWarning):
@@ -364,19 +370,30 @@ def select_counts(adata: ad.AnnData, counts_from: str = "auto", allow_normalized
 
 
 def gene_column_map(
-    names: Sequence[str], reference: Sequence[str], table: GeneTable, duplicates: str = "first"
+    names: Sequence[str],
+    reference: Sequence[str],
+    table: GeneTable,
+    duplicates: str = "first",
+    ids: Sequence[str] | None = None,
 ) -> tuple[np.ndarray, dict, dict]:
     """Where each input gene column goes in the reference, after symbol revision.
 
-    A name's key is its revised symbol; a name that cannot be revised (unknown or ambiguous) keeps its own text as
-    key and is used only if the reference lists exactly that text (counted as `genes_verbatim`). Reference names are
-    revised the same way, so an outdated symbol in the reference (`IGJ`) still receives the data's `JCHAIN`.
-    duplicates: "first" keeps the first input column per key (as the reference code does), "sum" adds them.
+    A name's key is its revised symbol. A name that cannot be revised (unknown or ambiguous) is revised by its
+    Ensembl id when `ids` (one per name, e.g. a 10x file's `var["gene_ids"]`) maps it to one current gene (counted
+    as `genes_revised_by_id`); otherwise it keeps its own text as key and is used only if the reference lists
+    exactly that text (`genes_verbatim`). Reference names are revised the same way, so an outdated symbol in the
+    reference (`IGJ`) still receives the data's `JCHAIN`.
+
+    Several columns with one key (a collision): a column whose name already is the current symbol wins over every
+    column revised to it, in any column order (pbmc3k's `HNRNPU` over `HNRNPU-AS1`, an alias of it); among the
+    others, duplicates "first" keeps the first column (as the reference code does), "sum" adds them.
 
     Returns (col_to_ref: int64 (genes_in,), -1 where dropped; counts dict; examples dict of short strings).
     """
     if duplicates not in ("first", "sum"):
         raise ScbertError(f"--duplicates {duplicates!r} is not one of first, sum")
+    if ids is not None and len(ids) != len(names):
+        raise ScbertError(f"{len(ids)} Ensembl ids for {len(names)} gene names; the id column must have one per gene")
     ref_index: dict[str, int] = {}
     reference_revised = reference_aliased = 0
     for j, name in enumerate(reference):
@@ -392,13 +409,21 @@ def gene_column_map(
             ref_index[key] = j
 
     col_to_ref = np.full(len(names), -1, dtype=np.int64)
-    status_counts = dict.fromkeys((CURRENT, SYNONYM, ENSEMBL, CASE, AMBIGUOUS, UNKNOWN), 0)
-    seen: set[str] = set()
-    verbatim = duplicated = 0
-    revised_examples, dropped_examples = [], []
+    status_counts = dict.fromkeys((CURRENT, SYNONYM, ENSEMBL, CASE, AMBIGUOUS, UNKNOWN, BY_ID), 0)
+    groups: dict[str, list[int]] = {}  # key -> input columns, in input order
+    statuses: list[str] = []
+    verbatim = 0
+    revised_examples, dropped_examples, id_examples = [], [], []
     for i, name in enumerate(names):
         revised, status = table.classify(name)
+        if revised is None and ids is not None:
+            by_id = table.classify_id(ids[i])
+            if by_id is not None:
+                revised, status = by_id, BY_ID
+                if len(id_examples) < EXAMPLES:
+                    id_examples.append(f"{name} ({ids[i]})->{revised}")
         status_counts[status] += 1
+        statuses.append(status)
         key = revised if revised is not None else name
         if revised is None:
             if key not in ref_index:
@@ -406,40 +431,83 @@ def gene_column_map(
                     dropped_examples.append(f"{name} ({status})")
                 continue
             verbatim += 1
-        elif status != CURRENT and len(revised_examples) < EXAMPLES:
+        elif status not in (CURRENT, BY_ID) and len(revised_examples) < EXAMPLES:
             revised_examples.append(f"{name}->{revised}")
-        if key in seen:
-            duplicated += 1
-            if duplicates == "first":
-                continue
-        else:
-            seen.add(key)
+        groups.setdefault(key, []).append(i)
+
+    duplicated = collisions = current_won = 0
+    collision_examples = []
+    for key, columns in groups.items():
+        current = [i for i in columns if statuses[i] == CURRENT]
+        candidates = current if current else columns
+        kept = candidates if duplicates == "sum" else candidates[:1]
         j = ref_index.get(key)
         if j is not None:
-            col_to_ref[i] = j
+            col_to_ref[kept] = j
+        if len(columns) > 1:
+            duplicated += len(columns) - 1
+            collisions += 1
+            current_won += bool(current) and len(current) < len(columns)
+            if len(collision_examples) < EXAMPLES:
+                lost = [names[i] for i in columns if i not in kept]
+                collision_examples.append(
+                    f"{key}: kept {' + '.join(str(names[i]) for i in kept)}"
+                    + (f" over {', '.join(map(str, lost))}" if lost else " (summed)")
+                )
     used = col_to_ref >= 0
     covered = np.unique(col_to_ref[used]).size
+    unrevised = status_counts[AMBIGUOUS] + status_counts[UNKNOWN]
     counts = {
         "genes_in": len(names),
         "genes_current": status_counts[CURRENT],
-        "genes_revised": status_counts[SYNONYM] + status_counts[ENSEMBL] + status_counts[CASE],
+        "genes_revised": status_counts[SYNONYM] + status_counts[ENSEMBL] + status_counts[CASE] + status_counts[BY_ID],
         "genes_ensembl_mapped": status_counts[ENSEMBL],
+        "genes_revised_by_id": status_counts[BY_ID],
         "genes_case_matched": status_counts[CASE],
         "genes_ambiguous": status_counts[AMBIGUOUS],
         "genes_unknown": status_counts[UNKNOWN],
         "genes_verbatim": verbatim,
-        "genes_dropped": status_counts[AMBIGUOUS] + status_counts[UNKNOWN] - verbatim,
+        "genes_dropped": unrevised - verbatim,
         "genes_duplicated": duplicated,
+        "genes_collisions": collisions,
+        "genes_collisions_current_won": current_won,
         "genes_used": int(used.sum()),
-        "genes_not_in_reference": len(seen) - covered,
+        "genes_not_in_reference": len(groups) - covered,
         "reference_genes": len(reference),
         "reference_revised": reference_revised,
         "reference_aliased": reference_aliased,
         "reference_covered": int(covered),
         "coverage": covered / len(reference) if len(reference) else 0.0,
     }
-    examples = {"revised_examples": ", ".join(revised_examples), "dropped_examples": ", ".join(dropped_examples)}
+    examples = {"revised_examples": ", ".join(revised_examples), "dropped_examples": ", ".join(dropped_examples),
+                "revised_by_id_examples": ", ".join(id_examples),
+                "collision_examples": "; ".join(collision_examples)}
     return col_to_ref, counts, examples
+
+
+def find_id_column(var: pd.DataFrame, id_column: str | None = "auto") -> str | None:
+    """The var column of Ensembl gene ids used to revise names that cannot be revised: `id_column` itself, None
+    for "none"/None, or for "auto" the first of ID_COLUMNS (any case) whose values are mostly Ensembl gene ids."""
+    if id_column is None or str(id_column).lower() == "none":
+        return None
+    if id_column != "auto":
+        if id_column not in var.columns:
+            raise ScbertError(
+                f"--id_column {id_column!r} is not a column of the input's var (columns: {list(var.columns)}); "
+                "pass the column holding Ensembl gene ids, auto or none"
+            )
+        if detect_identifier_type(var[id_column].astype(str)) != "ensembl":
+            raise ScbertError(
+                f"--id_column {id_column!r} does not hold Ensembl gene ids (e.g. {list(var[id_column][:3])}); pass "
+                "the column holding ids such as ENSG00000132465, auto or none"
+            )
+        return id_column
+    by_lower = {str(c).lower(): c for c in var.columns}
+    for candidate in ID_COLUMNS:
+        column = by_lower.get(candidate)
+        if column is not None and detect_identifier_type(var[column].astype(str)) == "ensembl":
+            return column
+    return None
 
 
 def _align_block(block: sp.csr_matrix, source: np.ndarray, indptr_of_target) -> sp.csr_matrix:
@@ -540,6 +608,7 @@ def preprocess_adata(
     table: GeneTable | None = None,
     counts_from: str = "auto",
     var_column: str | None = None,
+    id_column: str | None = "auto",
     duplicates: str = "first",
     min_genes: int = 200,
     normalize: bool = True,
@@ -552,15 +621,19 @@ def preprocess_adata(
     """Counts in `adata` -> scBERT's input over `reference_genes` (None: the shipped protein-coding list).
 
     counts_from: which matrix holds counts (see `select_counts`); var_column: the var column holding gene names
-    (None: var_names), e.g. "gene_ids" for the Ensembl ids of a 10x file. `adata` is not modified.
+    (None: var_names), e.g. "gene_ids" for the Ensembl ids of a 10x file; id_column: the var column of Ensembl ids
+    that revises names which cannot be revised ("auto": see `find_id_column`; None or "none": no such revision).
+    Collisions (several columns for one gene) follow `gene_column_map`. `adata` is not modified.
 
     Returns (output, summary). output: X = CSR float32 (cells kept x reference genes), obs = the kept cells' obs,
     var = the reference genes in order with column `in_input` (bool), uns["scbert_preprocess"] = {"params": ...,
     "summary": ...}. summary (plain ints/floats/strings): genes_in, genes_current, genes_revised,
-    genes_ensembl_mapped, genes_case_matched, genes_ambiguous, genes_unknown, genes_verbatim, genes_dropped,
-    genes_duplicated, genes_used, genes_not_in_reference, reference_genes, reference_revised, reference_aliased,
+    genes_ensembl_mapped, genes_revised_by_id, genes_case_matched, genes_ambiguous, genes_unknown, genes_verbatim,
+    genes_dropped, genes_duplicated, genes_collisions, genes_collisions_current_won, genes_used,
+    genes_not_in_reference, reference_genes, reference_revised, reference_aliased,
     reference_covered, coverage, cells_in, cells_removed, cells_out, identifier_type, counts_source,
-    revised_examples, dropped_examples, warnings. Emits PreprocessWarning for low coverage or mostly
+    id_column, revised_examples, revised_by_id_examples, dropped_examples, collision_examples (which column each
+    collision kept), warnings. Emits PreprocessWarning for low coverage or mostly
     case-insensitive matches; raises ScbertError when the input is unusable.
     """
     if reference_genes is None:
@@ -601,8 +674,11 @@ def preprocess_adata(
             f"leave it out to use the var names"
         )
 
-    col_to_ref, summary, examples = gene_column_map(names, reference_genes, table, duplicates)
     identifier_type = detect_identifier_type(names)
+    # Names that are Ensembl ids already are revised by them; otherwise an id column can rescue unknown names.
+    id_col = None if identifier_type == "ensembl" else find_id_column(var, id_column)
+    ids = None if id_col is None else [str(v) for v in var[id_col]]
+    col_to_ref, summary, examples = gene_column_map(names, reference_genes, table, duplicates, ids=ids)
     if summary["reference_covered"] == 0:
         hint = ""
         if identifier_type == "ensembl" and not any(str(n).startswith("ENSG") for n in names[:1000]):
@@ -647,6 +723,7 @@ def preprocess_adata(
         cells_removed=int((~keep).sum()),
         cells_out=int(keep.sum()),
         identifier_type=identifier_type,
+        id_column=id_col or "",
         counts_source=counts_source,
         warnings=" | ".join(notes),
     )
@@ -661,6 +738,7 @@ def preprocess_adata(
         "duplicates": duplicates,
         "counts_from": counts_source,
         "var_column": var_column or "",
+        "id_column": "none" if id_column is None else str(id_column),
         "allow_normalized": bool(allow_normalized),
     }
     obs = adata.obs.iloc[np.flatnonzero(keep)].copy()
@@ -683,11 +761,19 @@ def format_summary(summary: dict) -> str:
         f"dropped {s['genes_dropped']} (unknown {s['genes_unknown']}, ambiguous {s['genes_ambiguous']}), "
         f"kept verbatim {s['genes_verbatim']}, duplicated {s['genes_duplicated']}, not in reference "
         f"{s['genes_not_in_reference']}",
+        f"revised by Ensembl id (var column {s['id_column']!r}): {s['genes_revised_by_id']} names that could not "
+        "be revised" if s.get("id_column") else "no Ensembl-id column used for names that could not be revised",
+        f"collisions (several columns for one gene): {s['genes_collisions']}, of which "
+        f"{s['genes_collisions_current_won']} won by the column already named as the current symbol",
         f"reference coverage: {s['reference_covered']} of {s['reference_genes']} genes ({s['coverage']:.1%})",
         f"cells: {s['cells_in']} in, {s['cells_removed']} removed, {s['cells_out']} out",
     ]
     if s.get("revised_examples"):
         lines.append(f"revised e.g.: {s['revised_examples']}")
+    if s.get("revised_by_id_examples"):
+        lines.append(f"revised by id e.g.: {s['revised_by_id_examples']}")
+    if s.get("collision_examples"):
+        lines.append(f"collisions e.g.: {s['collision_examples']}")
     if s.get("dropped_examples"):
         lines.append(f"dropped e.g.: {s['dropped_examples']}")
     return "\n".join(lines)
@@ -742,8 +828,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument(
         "--ref",
         default=None,
-        help="reference genes: a checkpoint (.pth), an .h5ad (its var_names, e.g. panglao_10000.h5ad) "
-        "or a text file, one symbol per line; default: NCBI human protein-coding genes (data/)",
+        help="reference genes: panglao (the published checkpoint's 16,906 genes in order, shipped in data/ and "
+        "hash-checked), a checkpoint (.pth; a published one without a gene list means panglao), an .h5ad (its "
+        "var_names, e.g. panglao_10000.h5ad) or a text file, one symbol per line; default: NCBI human "
+        "protein-coding genes (data/)",
     )
     parser.add_argument("--out_path", default=None, help="output .h5ad (default: <input>_preprocessed.h5ad)")
     parser.add_argument(
@@ -756,12 +844,20 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         default=None,
         help="var column holding gene names (default: var_names; e.g. gene_ids for a 10x file's Ensembl ids)",
     )
+    parser.add_argument(
+        "--id_column",
+        default="auto",
+        help="var column of Ensembl gene ids that revises names which cannot be revised (clone names such as "
+        "RP11-206L10.9); auto: the first of gene_ids, gene_id, ensembl_id, ensembl, ... holding Ensembl ids; none: "
+        "drop such names",
+    )
     parser.add_argument("--transpose", type=str2bool, default=False, help="tables only: True when genes are rows")
     parser.add_argument(
         "--duplicates",
         default="first",
         choices=["first", "sum"],
-        help="genes that revise to the same symbol: keep the first column (as published) or sum them",
+        help="columns that revise to the same symbol: a column already named as the current symbol always wins; "
+        "among the others keep the first column (as published) or sum them",
     )
     parser.add_argument(
         "--gene_info",
@@ -824,6 +920,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             table=table,
             counts_from=args.counts_from,
             var_column=args.var_column,
+            id_column=args.id_column,
             duplicates=args.duplicates,
             min_genes=args.min_genes,
             normalize=args.normalize,

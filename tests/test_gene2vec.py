@@ -99,7 +99,7 @@ def test_planted_modules_are_closer_and_rows_follow_the_reference(planted, tmp_p
     out = tmp_path / "g2v.npy"
     txt = tmp_path / "g2v.txt"
     gene2vec.main(["--data_path", path, "--ref", str(ref_path), "--out_path", str(out), "--txt_path", str(txt),
-                   "--dim", "16"])
+                   "--dim", "16", "--partners", "0", "--fallback", "zero"])  # the threshold alone, zero fallback
 
     table = np.load(out)
     assert table.dtype == np.float32 and table.shape == (len(reference), 16)
@@ -224,7 +224,8 @@ def test_errors_name_the_fix(planted, tmp_path):
     assert out.read_bytes() == b"keep me"
     fresh = str(tmp_path / "new.npy")
     with pytest.raises(ScbertError, match="lower --threshold"):
-        gene2vec.main(["--data_path", path, "--ref", str(ref), "--out_path", fresh, "--threshold", "0.99"])
+        gene2vec.main(["--data_path", path, "--ref", str(ref), "--out_path", fresh, "--threshold", "0.99",
+                      "--partners", "0"])
     other = tmp_path / "other.txt"
     other.write_text("GAPDH\nACTB\n")
     with pytest.raises(ScbertError, match="none of the reference genes"):
@@ -252,3 +253,44 @@ def test_cli_error_is_one_line_and_exit_code_2(tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and "does not exist" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_by_default_every_reference_gene_gets_a_distinct_non_zero_row(planted, tmp_path):
+    """Issue 15: the default (5 partners per gene, random fallback) leaves no gene without an identity: every
+    expressed gene is trained (the noise genes too), absent ones get a seeded random row; modules still cluster."""
+    path, _counts, symbols, modules = planted
+    reference = list(symbols) + ["CD3E", "JCHAIN"]
+    ref_path = tmp_path / "ref.txt"
+    ref_path.write_text("\n".join(reference) + "\n")
+    out, txt = tmp_path / "g2v.npy", tmp_path / "g2v.txt"
+    gene2vec.main(["--data_path", path, "--ref", str(ref_path), "--out_path", str(out), "--txt_path", str(txt),
+                   "--dim", "16"])
+    table = np.load(out)
+    assert np.abs(table).sum(axis=1).min() > 0
+    assert np.unique(table, axis=0).shape[0] == len(reference)
+    trained = gene2vec.read_text_vectors(str(txt))
+    assert set(symbols) <= set(trained)  # all 40 genes are expressed in 10+ cells, noise genes included
+    row = {gene: table[i] for i, gene in enumerate(reference)}
+    within = [cosine(row[symbols[a]], row[symbols[b]]) for a in range(24) for b in range(a + 1, 24)
+              if modules[a] == modules[b]]
+    between = [cosine(row[symbols[a]], row[symbols[b]]) for a in range(24) for b in range(a + 1, 24)
+               if modules[a] != modules[b]]
+    assert np.mean(within) > np.mean(between) + 0.3
+
+
+def test_partners_add_each_genes_strongest_correlations_in_any_block_size():
+    counts, _symbols, _modules = planted_counts()
+    dense = gene2vec.log_normalise(counts).toarray()
+    r = np.corrcoef(dense.T)
+    np.fill_diagonal(r, -np.inf)
+    expected = {(i, j) for i in range(40) for j in range(i + 1, 40) if r[i, j] >= 0.3}
+    for i in range(40):
+        for j in np.argsort(-r[i])[:3]:
+            if r[i, j] > 0:
+                expected.add((min(i, j), max(i, int(j))))
+    for block_size in (1, 7, 64):
+        first, second, values, _ = gene2vec.correlated_gene_pairs(
+            sp.csr_matrix(dense), threshold=0.3, min_cells=10, block_size=block_size, partners=3)
+        assert set(zip(first.tolist(), second.tolist(), strict=True)) == expected
+        np.testing.assert_allclose(values, r[first, second], atol=1e-5)
+    assert {g for pair in expected for g in pair} == set(range(40))

@@ -245,19 +245,23 @@ def test_normalisation_equals_scanpy():
 
 
 def test_duplicates_first_or_sum(table):
-    # JCHAIN and its old symbol IGJ are both present: "first" keeps IGJ's column (it comes first), "sum" adds them.
+    # JCHAIN and its old symbol IGJ are both present: the column named JCHAIN wins over IGJ's, which comes first,
+    # with "first" and with "sum" alike (issue 15: the published code kept IGJ's column here). Among aliases only,
+    # "first" keeps the first column and "sum" adds them (tests/test_gene_collisions.py).
     counts = np.array([[2, 3, 1, 4, 1], [1, 1, 1, 1, 1]])
     genes = ["IGJ", "CD3E", "JCHAIN", "NKG7", "CD14"]
     out, summary = preprocess_adata(
         counts_adata(counts, genes), REF, table=table, min_genes=0, normalize=False, log1p=False
     )
-    np.testing.assert_array_equal(out.X.toarray(), [[3, 2, 0, 1, 4], [1, 1, 0, 1, 1]])
+    np.testing.assert_array_equal(out.X.toarray(), [[3, 1, 0, 1, 4], [1, 1, 0, 1, 1]])
     assert summary["genes_duplicated"] == 1 and summary["genes_used"] == 4
+    assert summary["genes_collisions"] == 1 and summary["genes_collisions_current_won"] == 1
+    assert summary["collision_examples"] == "JCHAIN: kept JCHAIN over IGJ"
     out, summary = preprocess_adata(
         counts_adata(counts, genes), REF, table=table, min_genes=0, normalize=False, log1p=False, duplicates="sum"
     )
-    np.testing.assert_array_equal(out.X.toarray(), [[3, 3, 0, 1, 4], [1, 2, 0, 1, 1]])
-    assert summary["genes_duplicated"] == 1 and summary["genes_used"] == 5
+    np.testing.assert_array_equal(out.X.toarray(), [[3, 1, 0, 1, 4], [1, 1, 0, 1, 1]])
+    assert summary["genes_duplicated"] == 1 and summary["genes_used"] == 4
 
 
 @pytest.mark.parametrize("chunk_nnz", [1, 40, 1 << 23])  # row blocks of any size give the same matrix
