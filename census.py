@@ -3,7 +3,7 @@
     python census.py --census_version 2023-07-25 --out_path blood.h5ad                 # scLLM's query and size
     python census.py --uri /data/census_soma --max_cells 50000 --seed 1 --out_path blood_50k.h5ad
 
-What it does (scLLM-pretrain's sampling, `../shared/reference/SCGPT.md` section 1):
+What it does (scLLM-pretrain's sampling):
 1. open the Census: `cellxgene_census.open_soma(census_version=V)` or `open_soma(uri=PATH)`, a local collection laid
    out like the Census (`census_data/<organism>` experiment, measurement `RNA`, X layer `raw`,
    `var['feature_name']`), e.g. one written with `tiledbsoma.io.from_anndata`;

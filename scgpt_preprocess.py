@@ -1,6 +1,6 @@
 """The scGPT / scLLM preprocessing recipe: raw counts -> HVG-restricted, per-cell binned values for the transformer.
 
-Steps (scLLM's order, `../shared/reference/SCGPT.md` section 1):
+Steps (scLLM's order):
 1. `filter_genes(min_counts=1)`, then `filter_cells(min_counts=1)`;
 2. highly variable genes, `flavor="seurat_v3"` on the counts with `batch_key` (one global set of `n_hvg`, ranked by
    the number of batches calling a gene variable; `span` 1.0 as scLLM ran, scanpy's default 0.3 reachable), kept;

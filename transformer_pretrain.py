@@ -1,6 +1,6 @@
 """Value-regression pretraining of the transformer family: what `pretrain.py --model_type transformer` runs.
 
-The recipe (scLLM-pretrain / scGPT, `../shared/reference/SCGPT.md`): bins from `preprocess.py --recipe scgpt`; cells
+The recipe (scLLM-pretrain / scGPT): bins from `preprocess.py --recipe scgpt`; cells
 of non-zero genes with `<cls>` first, capped at `--max_seq_len` 1201 by random subsampling; masks (value -1) redrawn
 every epoch at `--mask_ratio` 0.5 (or one of 0.25/0.5/0.75 per batch with `--mask_ratio scgpt`), never on `<cls>` or
 pads; loss = masked MSE of the expression decoder + masked MSE of the MVC decoder; Adam lr 1e-4, clip 1.0, StepLR
