@@ -1,6 +1,7 @@
 """The scGPT-style transformer: value-regression pretraining on binned expression (the scLLM-pretrain recipe).
 
-Facts from scGPT's released configuration and the scLLM-pretrain run (see the README). Written from those facts; no upstream code.
+Facts from scGPT's released configuration and the scLLM-pretrain run (see the README). Written from those
+facts; no upstream code.
 
 A cell is its non-zero genes in gene order, `<cls>` first. Each token is a gene id and a value (its bin; `<cls>` 0,
 padding -2, a masked value -1). Input = LayerNorm(Embedding(gene)) + value encoder (clamp 512, Linear(1, d), ReLU,
