@@ -16,9 +16,19 @@ import torch
 
 from utils import ScbertError
 
-__all__ = ["Amp", "CosineAnnealingWarmupRestarts", "build_scheduler", "cosine_warmup_restarts_lr"]
+__all__ = ["Amp", "CosineAnnealingWarmupRestarts", "adam_eps", "build_scheduler", "cosine_warmup_restarts_lr"]
 
 MIN_LR, WARMUP, FIRST_CYCLE, CYCLE_MULT, GAMMA = 1e-6, 5, 15, 2, 0.9  # SPEC section 6, pretraining and fine-tuning
+MAX_LR = 1e-4  # the published --learning_rate, the schedule's first peak
+TRANSFORMER_FP16_EPS = 1e-4  # scGPT's Adam eps under fp16 autocast (1e-8, torch's default, otherwise)
+
+
+def adam_eps(args: Any) -> float:
+    """Adam's eps for a run: 1e-4 for the transformer family under `--amp fp16` (the scGPT recipe, so that the
+    second-moment denominator does not underflow in half precision), else torch's 1e-8 (scBERT's published runs)."""
+    if getattr(args, "amp", "none") == "fp16" and getattr(args, "model_type", "performer") == "transformer":
+        return TRANSFORMER_FP16_EPS
+    return 1e-8
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, learning_rate: float) -> CosineAnnealingWarmupRestarts:
@@ -35,12 +45,12 @@ def build_scheduler(optimizer: torch.optim.Optimizer, learning_rate: float) -> C
 def cosine_warmup_restarts_lr(
     step: int,
     *,
-    first_cycle_steps: int = 15,
-    cycle_mult: float = 2.0,
-    max_lr: float = 1e-4,
-    min_lr: float = 1e-6,
-    warmup_steps: int = 5,
-    gamma: float = 0.9,
+    first_cycle_steps: int = FIRST_CYCLE,
+    cycle_mult: float = CYCLE_MULT,
+    max_lr: float = MAX_LR,
+    min_lr: float = MIN_LR,
+    warmup_steps: int = WARMUP,
+    gamma: float = GAMMA,
 ) -> float:
     """Learning rate after `step` scheduler steps (step 0 = the first epoch).
 
@@ -68,12 +78,12 @@ class CosineAnnealingWarmupRestarts:
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,
-        first_cycle_steps: int = 15,
-        cycle_mult: float = 2.0,
-        max_lr: float = 1e-4,
-        min_lr: float = 1e-6,
-        warmup_steps: int = 5,
-        gamma: float = 0.9,
+        first_cycle_steps: int = FIRST_CYCLE,
+        cycle_mult: float = CYCLE_MULT,
+        max_lr: float = MAX_LR,
+        min_lr: float = MIN_LR,
+        warmup_steps: int = WARMUP,
+        gamma: float = GAMMA,
     ):
         if warmup_steps >= first_cycle_steps:
             raise ValueError(f"warmup_steps ({warmup_steps}) must be below first_cycle_steps ({first_cycle_steps})")

@@ -63,7 +63,7 @@ from distributed import (  # noqa: F401 - re-exported
     wrap_model,
 )
 from models import MODEL_TYPES, BinVocab, build_model, load_model, model_family
-from optim import Amp, CosineAnnealingWarmupRestarts, build_scheduler, cosine_warmup_restarts_lr  # noqa: F401
+from optim import Amp, CosineAnnealingWarmupRestarts, adam_eps, build_scheduler, cosine_warmup_restarts_lr  # noqa: F401
 from performer_pytorch import load_checkpoint
 from performer_pytorch.checkpoint import DEFAULT_MODEL_TYPE
 from run_state import (  # noqa: F401 - re-exported
@@ -482,6 +482,7 @@ def start_run(
     seed_everything(args.seed, ctx.rank)
     model = wrap_model(model, ctx, seed=args.seed)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
+                                 eps=adam_eps(args),  # 1e-4: the transformer recipe under fp16
                                  amsgrad=bool(getattr(args, "amsgrad", False)))  # continual.py: CANAL's amsgrad
     scheduler = make_scheduler(optimizer) if make_scheduler else build_scheduler(optimizer, args.learning_rate)
     run = Run(args=args, ctx=ctx, model=model, optimizer=optimizer, scheduler=scheduler, amp=amp, genes=list(genes),

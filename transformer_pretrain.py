@@ -11,6 +11,7 @@ log line of each epoch carries both losses and the baselines: each cell's mean b
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -37,6 +38,12 @@ def add_transformer_flags(parser: argparse.ArgumentParser) -> None:
                        help="tokens per cell at most (<cls> + genes; longer cells are subsampled, <cls> kept)")
     group.add_argument("--ff_dim", type=int, default=None, help="feed-forward width (default: --dim, as the recipe)")
     group.add_argument("--dropout", type=float, default=0.2, help="dropout everywhere (recipe 0.2)")
+    group.add_argument("--lr_schedule", choices=["step", "cosine"], default="step",
+                       help="pretraining schedule: 'step' (scLLM: x0.9 after every epoch) or 'cosine' (scGPT: linear "
+                            "warm-up, then cosine decay to 0 over the run, stepped after every optimiser step)")
+    group.add_argument("--warmup", type=float, default=10000,
+                       help="with --lr_schedule cosine: warm-up optimiser steps (scGPT: 10000), or below 1 a fraction "
+                            "of the run's steps (for small runs)")
 
 
 # Annotation fine-tuning (scGPT's tutorial): everything trains, batch 32, 10 epochs, lr 1e-4, StepLR 0.9 per epoch.
@@ -51,6 +58,59 @@ def given_flags(argv: Sequence[str]) -> set[str]:
 def step_lr(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.StepLR:
     """The recipe's schedule: the learning rate times 0.9 after every epoch (scLLM; scGPT's annotation tutorial)."""
     return torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=STEP_GAMMA)
+
+
+def cosine_warmup_factor(step: int, warmup: int, total: int) -> float:
+    """scGPT's schedule as a multiple of the base lr after `step` optimiser steps: step / warmup during the warm-up,
+    then 0.5 * (1 + cos(pi * progress)) with progress from 0 to 1 over the remaining steps (0 from `total` on)."""
+    if step < warmup:
+        return step / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+
+
+class PerStepCosine:
+    """`--lr_schedule cosine`: a LambdaLR advanced by an optimiser post-step hook (every optimiser step, as scGPT),
+    so the run loop's once-per-epoch `step()` is a no-op; state_dict/load_state_dict make resuming exact."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, warmup: int, total: int):
+        self.warmup, self.total = warmup, total
+        self.inner = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: cosine_warmup_factor(step, self.warmup, self.total))
+        self._hook = optimizer.register_step_post_hook(lambda *_: self.inner.step())
+
+    def step(self) -> None:  # the per-epoch call of the run loop: the hook already stepped
+        return None
+
+    def get_last_lr(self) -> list[float]:
+        return self.inner.get_last_lr()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"inner": self.inner.state_dict(), "warmup": self.warmup, "total": self.total}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "inner" not in state:
+            raise ScbertError("the checkpoint's run used --lr_schedule step, not cosine: resume it with --lr_schedule "
+                              "step, or pass another --model_name for a new run")
+        self.inner.load_state_dict(state["inner"])
+        for group, lr in zip(self.inner.optimizer.param_groups, self.inner.get_last_lr(), strict=True):
+            group["lr"] = lr  # LambdaLR's load leaves the optimiser's rate as it was
+
+
+def pretrain_scheduler(args: argparse.Namespace, n_train: int, world_size: int):
+    """The `make_scheduler` of pretraining: StepLR 0.9 per epoch, or the cosine with warm-up over the run's optimiser
+    steps (per rank: ceil(cells / ranks) cells in batches of --batch_size, one step per --grad_acc batches)."""
+    if args.lr_schedule == "step":
+        return step_lr
+    batches = math.ceil(math.ceil(n_train / world_size) / args.batch_size)
+    total = args.epoch * math.ceil(batches / max(1, args.grad_acc))
+    if args.warmup <= 0:
+        raise ScbertError(f"--warmup {args.warmup} must be positive: pass steps (scGPT: 10000) or a fraction below 1")
+    warmup = int(round(args.warmup * total)) if args.warmup < 1 else int(args.warmup)
+    if warmup >= total:
+        print(f"note: --warmup {warmup} steps is not shorter than the run's {total} optimiser steps, so the learning "
+              "rate only rises; pass a fraction such as --warmup 0.1 for a short run", flush=True)
+    return lambda optimizer: PerStepCosine(optimizer, warmup=warmup, total=total)
 
 
 def apply_recipe_defaults(args: argparse.Namespace, argv: Sequence[str], defaults: dict | None = None) -> None:
@@ -163,7 +223,8 @@ def pretrain_transformer(args: argparse.Namespace, ctx) -> list[dict[str, Any]]:
     train_idx, valid_idx = split_indices(adata.n_obs, VALID_SIZE, args.seed)
     best = BestValue()
     settings = RunSettings(repr(resume_path), dim=args.dim, depth=args.depth, heads=args.heads,
-                           mask_ratio=str(args.mask_ratio), max_seq_len=args.max_seq_len)
+                           mask_ratio=str(args.mask_ratio), max_seq_len=args.max_seq_len,
+                           lr_schedule=args.lr_schedule)
     def make_model():
         model = build_model_from_args(args, genes, checkpoint_path=start_path, head="lm")
         model.vocab.max_seq_len = args.max_seq_len  # start_run gives the datasets the model's vocabulary
@@ -173,7 +234,7 @@ def pretrain_transformer(args: argparse.Namespace, ctx) -> list[dict[str, Any]]:
                     genes=genes, train_set=CellDataset(adata.X, indices=train_idx, vocab=vocab),
                     valid_set=CellDataset(adata.X, indices=valid_idx, vocab=vocab), resume_path=resume_path,
                     clip_norm=GRAD_CLIP, state={"best": best, "settings": settings},
-                    make_scheduler=step_lr)
+                    make_scheduler=pretrain_scheduler(args, len(train_idx), ctx.world_size))
     n_params = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
     print0(f"pretraining the transformer on {ctx.device} x {ctx.world_size}: {len(train_idx)} train / "
            f"{len(valid_idx)} valid cells, {len(genes)} genes, {n_params:,} parameters, epochs "

@@ -76,3 +76,61 @@ def test_transformer_data_must_be_binned(tmp_path):
     load_pbmc68k_counts().write_h5ad(raw)
     with pytest.raises(ScbertError, match="--recipe scgpt"):
         pretrain.main(["--model_type", "transformer", "--data_path", str(raw), "--ckpt_dir", str(tmp_path), *TINY])
+
+
+def test_cosine_schedule_steps_with_the_optimiser_and_resumes():
+    """--lr_schedule cosine (scGPT): linear warm-up then cosine decay, advanced by every optimiser step; a restored
+    schedule continues where the saved one was."""
+    import math
+
+    import torch
+
+    from transformer_pretrain import PerStepCosine, cosine_warmup_factor
+
+    assert [cosine_warmup_factor(s, 4, 12) for s in (0, 2, 4)] == [0.0, 0.5, 1.0]
+    assert cosine_warmup_factor(8, 4, 12) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert cosine_warmup_factor(12, 4, 12) == 0.0 and cosine_warmup_factor(20, 4, 12) == 0.0
+
+    def make():
+        weight = torch.nn.Parameter(torch.ones(3))
+        optimizer = torch.optim.SGD([weight], lr=2.0)
+        return weight, optimizer, PerStepCosine(optimizer, warmup=4, total=12)
+
+    weight, optimizer, schedule = make()
+    seen = []
+    for _ in range(6):
+        weight.sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        schedule.step()  # the run loop's per-epoch call changes nothing
+        seen.append(optimizer.param_groups[0]["lr"])
+    assert seen == pytest.approx([2.0 * cosine_warmup_factor(s, 4, 12) for s in range(1, 7)])
+    _, optimizer2, schedule2 = make()
+    schedule2.load_state_dict(schedule.state_dict())
+    assert optimizer2.param_groups[0]["lr"] == pytest.approx(seen[-1])
+    with pytest.raises(ScbertError, match="--lr_schedule step"):
+        schedule2.load_state_dict(torch.optim.lr_scheduler.StepLR(optimizer2, 1).state_dict())
+
+
+def test_cosine_schedule_through_pretrain(binned_path, tmp_path):
+    """pretrain.py --lr_schedule cosine --warmup 0.5: the rate each epoch starts at follows the per-step schedule over
+    the run's optimiser steps (291 training cells in batches of 32: 10 steps per epoch, 20 in all, 10 of warm-up)."""
+    from transformer_pretrain import cosine_warmup_factor
+
+    records = pretrain.main(["--model_type", "transformer", "--data_path", binned_path, "--ckpt_dir", str(tmp_path),
+                             *TINY, "--learning_rate", "1e-3", "--epoch", "2", "--lr_schedule", "cosine",
+                             "--warmup", "0.5"])
+    assert [r["lr"] for r in records] == pytest.approx([0.0, 1e-3 * cosine_warmup_factor(10, 10, 20)])
+    assert records[1]["lr"] == pytest.approx(1e-3)
+
+
+def test_adam_eps_follows_the_recipe():
+    """Adam's eps is 1e-4 for the transformer family under fp16 autocast (scGPT), torch's 1e-8 otherwise."""
+    from argparse import Namespace
+
+    from optim import adam_eps
+
+    assert adam_eps(Namespace(amp="fp16", model_type="transformer")) == 1e-4
+    assert adam_eps(Namespace(amp="bf16", model_type="transformer")) == 1e-8
+    assert adam_eps(Namespace(amp="fp16", model_type="performer")) == 1e-8
+    assert adam_eps(Namespace(amp="none")) == 1e-8
