@@ -352,6 +352,12 @@ class TransformerModel(nn.Module):
         with torch.no_grad():
             self.gene_emb.weight[pad_id].zero_()
 
+    def work_per_cell(self) -> int:
+        """The size measure `performer_pytorch.cpu_threads` chooses threads by (tokens x width x width): tokens are
+        a cell's genes, at most the recipe's 1,201 (a typical cell holds fewer than the vocabulary)."""
+        tokens = min(len(self.vocab), RECIPE["max_seq_len"])
+        return tokens * self.config["dim"] * self.config["dim"]
+
     def _gene_embedding(self, genes: torch.Tensor) -> torch.Tensor:
         return self.gene_norm(self.gene_emb(genes))  # (cells, L, d)
 

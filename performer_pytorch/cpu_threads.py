@@ -42,7 +42,11 @@ _hooks: weakref.WeakKeyDictionary[torch.nn.Module, object] = weakref.WeakKeyDict
 
 
 def model_work(model: torch.nn.Module) -> int:
-    """tokens x dim x heads x dim_head of a PerformerLM (from its `config`); 0 for a module without one."""
+    """tokens x dim x heads x dim_head of a PerformerLM (from its `config`); a model of another family gives its own
+    `work_per_cell()` on the same scale; 0 for a module with neither."""
+    own = getattr(model, "work_per_cell", None)
+    if callable(own):
+        return int(own())
     config = getattr(model, "config", None)
     if not isinstance(config, dict) or not {"max_seq_len", "dim", "heads", "dim_head"} <= set(config):
         return 0

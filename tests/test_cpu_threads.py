@@ -52,6 +52,18 @@ def test_work_sizes_put_the_demo_below_and_full_size_above_the_threshold():
     assert cpu_threads.model_work(nn.Linear(2, 2)) == 0
 
 
+def test_the_transformer_family_is_sized_by_its_own_measure():
+    """A transformer at the recipe's size (12 x 512, cells up to 1,201 tokens) gets the free cores; the demo's
+    (2 x 64 over 500 genes) one thread."""
+    from transformer_model import GeneVocab, TransformerModel
+
+    genes = [f"G{i}" for i in range(2000)]
+    recipe = TransformerModel(vocab=GeneVocab(genes), dim=512, depth=1, heads=8, ff_dim=512)
+    demo = TransformerModel(vocab=GeneVocab(genes[:500]), dim=64, depth=1, heads=4, ff_dim=64)
+    assert cpu_threads.model_work(recipe) == 1201 * 512 * 512
+    assert cpu_threads.model_work(demo) < cpu_threads.SMALL_WORK < cpu_threads.model_work(recipe)
+
+
 def test_small_work_gets_one_thread_and_large_work_the_free_cores():
     small, large = cpu_threads.model_work(_Sized(**DEMO)), cpu_threads.model_work(_Sized(**FULL))
     assert cpu_threads.choose_threads(small, allowed=16) == 1
