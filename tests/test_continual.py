@@ -195,3 +195,35 @@ def test_bad_input_stops_with_one_sentence_before_anything_is_written(stream, tm
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
     assert not os.path.exists(ckpts)  # stage 1 was not trained either
+
+
+@pytest.mark.slow
+def test_two_stages_under_torchrun(stream, tmp_path):
+    """Two gloo ranks run the stream like one process: rank 0 alone writes each stage's files (atomically), the
+    classes are the union in arrival order, and the bank, chosen from embeddings gathered over both ranks, holds
+    cells of every class, at most --bank_size, as plain arrays."""
+    import socket
+    import subprocess
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    stages, tests = stream["stages"][:2], stream["tests"][:2]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+           "continual.py", "--data_path", *stages, "--model_path", stream["pretrained"], "--test_path", *tests,
+           *flags(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+    state = torch.load(tmp_path / "stream_stage2_best.pth", weights_only=True)[continual.STATE_KEY]
+    assert state["complete"] and state["classes"] == arrival_order(stages)
+    bank = continual.StreamState.from_payload(state)
+    counts = np.bincount(bank.bank_labels, minlength=len(state["classes"]))
+    assert counts.sum() <= 60 and counts.min() >= 1
+    log = [json.loads(line) for line in (tmp_path / "stream_stage2_log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1]  # one line per epoch: rank 0 alone logs
+    table = json.loads((tmp_path / "stream_stream.json").read_text())
+    assert sorted({(r["stage"], r["test_set"]) for r in table["rows"]}) == [
+        (s, f"test_stage{t}") for s in (1, 2) for t in (1, 2)]
