@@ -33,7 +33,7 @@ from metrics import classification_metrics, plot_confusion, write_confusion_csv
 from models import parse_block_spec
 from performer_pytorch import BlockLinear
 from performer_pytorch.checkpoint import read_checkpoint_file
-from run_state import RunSettings, named_checkpoint_path, resolve_resume, save_training_checkpoint
+from run_state import RunSettings, named_checkpoint_path, refuse_fresh_over, resolve_resume, save_training_checkpoint
 from training import Run, fit, resolve_log_path, start_run
 from utils import ScbertError, write_json
 
@@ -400,11 +400,7 @@ def train_classifier(
     """
     best_path = named_checkpoint_path(args.ckpt_dir, args.model_name, "best")
     resume_path = resolve_resume(args)
-    if resume_path is None and os.path.exists(best_path):
-        raise ScbertError(
-            f"{best_path!r} exists from an earlier run and a fresh run would overwrite it: pass another --model_name "
-            "or --ckpt_dir, or move it away"
-        )
+    refuse_fresh_over(best_path, resume_path)
     stopper = EarlyStopping(args.patience)
     guard = HeadGuard()  # a head that starts alive; a dead one restarted, never kept as best (head_health.py)
     state = {"early_stopping": stopper, "settings": RunSettings(repr(resume_path), **(settings or {})),

@@ -38,6 +38,7 @@ __all__ = [
     "epoch_checkpoint_path",
     "find_latest_checkpoint",
     "named_checkpoint_path",
+    "refuse_fresh_over",
     "resolve_resume",
     "restore_training_state",
     "save_training_checkpoint",
@@ -57,6 +58,13 @@ def epoch_checkpoint_path(ckpt_dir: str, model_name: str, epoch: int) -> str:
 def named_checkpoint_path(ckpt_dir: str, model_name: str, name: str) -> str:
     """`<ckpt_dir>/<model_name>_<name>.pth`, e.g. name "best" for fine-tuning's best model."""
     return os.path.join(ckpt_dir, f"{model_name}_{name}.pth")
+
+
+def refuse_fresh_over(best_path: str, resume_path: str | None) -> None:
+    """A fresh run (nothing to resume) must not overwrite the best model an earlier run left at `best_path`."""
+    if resume_path is None and os.path.exists(best_path):
+        raise ScbertError(f"{best_path!r} exists from an earlier run and a fresh run would overwrite it: pass another "
+                          "--model_name or --ckpt_dir, or move it away")
 
 
 def _plain_args(args: argparse.Namespace | dict | None) -> dict[str, Any]:

@@ -189,7 +189,7 @@ def epoch_line(record: dict[str, Any]) -> str:
 def pretrain_transformer(args: argparse.Namespace, ctx) -> list[dict[str, Any]]:
     """The run; returns the per-epoch records (also in the JSONL log)."""
     from performer_pytorch import load_checkpoint
-    from run_state import RunSettings
+    from run_state import RunSettings, refuse_fresh_over
     from training import (
         CellDataset,
         build_model_from_args,
@@ -217,9 +217,7 @@ def pretrain_transformer(args: argparse.Namespace, ctx) -> list[dict[str, Any]]:
     vocab = GeneVocab(genes)
     vocab.max_seq_len = args.max_seq_len
     best_path = named_checkpoint_path(args.ckpt_dir, args.model_name, "best")
-    if resume_path is None and os.path.exists(best_path):
-        raise ScbertError(f"{best_path!r} exists from an earlier run and a fresh run would overwrite it: pass another "
-                          "--model_name or --ckpt_dir, or move it away")
+    refuse_fresh_over(best_path, resume_path)
     train_idx, valid_idx = split_indices(adata.n_obs, VALID_SIZE, args.seed)
     best = BestValue()
     settings = RunSettings(repr(resume_path), dim=args.dim, depth=args.depth, heads=args.heads,

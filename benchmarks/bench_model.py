@@ -602,6 +602,47 @@ def configurations(args) -> list[dict]:
     return rows
 
 
+def print_flop_checks(configs: list[dict]) -> list[dict]:
+    """Print the FLOP formula's check against torch's counter and the FLOPs per cell of each size asked for."""
+    check = flop_counter_check()
+    for c in check:
+        print(
+            f"FLOP check ({c['mode']} step, tiny model): analytic formula {c['analytic']:.6g}, "
+            f"torch FlopCounterMode on the plain path {c['counted']:.6g} (ratio {c['counted'] / c['analytic']:.4f})",
+            flush=True,
+        )
+    for size in sorted({c["size"] for c in configs}):
+        for mode in MODES:
+            f = model_flops(SIZES[size], mode)
+            print(
+                f"FLOPs per cell, {size} {mode}: forward {f['forward'] / 1e9:.1f} G + backward "
+                f"{f['backward'] / 1e9:.1f} G = {f['total'] / 1e9:.1f} G",
+                flush=True,
+            )
+    return check
+
+
+def print_legend(loaded: bool) -> None:
+    """What the table's columns mean."""
+    print(
+        "% rate: achieved GFLOP/s (fastest step) over max(run's matmul rate, the worker's own) of the same dtype; "
+        "% beside: the median over steps of each step's GFLOP/s over the faster of the quick rates taken just before "
+        "and just after it (demo size: the fastest step over the faster of the rates taken before and after its "
+        "loop); peak MB: "
+        "the process's peak resident memory (torch itself is about 250 MB); load: 1-minute load average "
+        "before/after the configuration",
+        flush=True,
+    )
+    if loaded:
+        print(
+            "under load: alone and beside one busy core (a process the benchmark starts and stops), alternating in "
+            "one process; cells/s of each phase's median step, median over pairs; ratio: the median over pairs of "
+            "loaded over alone throughput; thr: threads alone/loaded; busy: cores other processes kept busy during "
+            "the phases (the benchmark's busy process included), alone/loaded",
+            flush=True,
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     args = get_args_parser().parse_args(argv)
     if args.worker is not None:
@@ -623,21 +664,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     for name, rate in run_rates.items():
         by_size = ", ".join(f"{s}: {g:.0f}" for s, g in rate["by_size"].items())
         print(f"matmul rate {name}: {rate['gflops']:.0f} GFLOP/s (square sizes {by_size})", flush=True)
-    check = flop_counter_check()
-    for c in check:
-        print(
-            f"FLOP check ({c['mode']} step, tiny model): analytic formula {c['analytic']:.6g}, "
-            f"torch FlopCounterMode on the plain path {c['counted']:.6g} (ratio {c['counted'] / c['analytic']:.4f})",
-            flush=True,
-        )
-    for size in sorted({c["size"] for c in configs}):
-        for mode in MODES:
-            f = model_flops(SIZES[size], mode)
-            print(
-                f"FLOPs per cell, {size} {mode}: forward {f['forward'] / 1e9:.1f} G + backward "
-                f"{f['backward'] / 1e9:.1f} G = {f['total'] / 1e9:.1f} G",
-                flush=True,
-            )
+    check = print_flop_checks(configs)
     rates = {name: r["gflops"] for name, r in run_rates.items()}
     print(HEADER, flush=True)
     rows = []
@@ -652,23 +679,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             print(format_loaded_row(row), flush=True)
     for line in target_lines(rows) + loaded_target_lines(rows):
         print("target:", line, flush=True)
-    print(
-        "% rate: achieved GFLOP/s (fastest step) over max(run's matmul rate, the worker's own) of the same dtype; "
-        "% beside: the median over steps of each step's GFLOP/s over the faster of the quick rates taken just before "
-        "and just after it (demo size: the fastest step over the faster of the rates taken before and after its "
-        "loop); peak MB: "
-        "the process's peak resident memory (torch itself is about 250 MB); load: 1-minute load average "
-        "before/after the configuration",
-        flush=True,
-    )
-    if loaded:
-        print(
-            "under load: alone and beside one busy core (a process the benchmark starts and stops), alternating in "
-            "one process; cells/s of each phase's median step, median over pairs; ratio: the median over pairs of "
-            "loaded over alone throughput; thr: threads alone/loaded; busy: cores other processes kept busy during "
-            "the phases (the benchmark's busy process included), alone/loaded",
-            flush=True,
-        )
+    print_legend(bool(loaded))
     report = dict(
         torch=torch.__version__,
         threads=args.threads,

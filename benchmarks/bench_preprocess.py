@@ -112,6 +112,38 @@ def matrix_gb(x: sp.csr_matrix) -> float:
     return (x.data.nbytes + x.indices.nbytes + x.indptr.nbytes) / 2**30
 
 
+def baseline_alignment(x, col_to_ref, n_ref: int, args, rng) -> float:
+    """The per-gene loop's CPU seconds for all `args.cells` cells, extrapolated from two subsamples (checked equal to
+    the vectorised alignment on them)."""
+    # Baseline on two subsamples: its time is a per-gene overhead plus a per-cell part, so fit t = a + b * cells
+    # on CPU time and extrapolate (scaling one subsample linearly would overstate it). Ours on the same rows too.
+    sizes = sorted({max(1, min(args.baseline_cells, args.cells) // 2), min(args.baseline_cells, args.cells)})
+    loop_cpu = []
+    for size in sizes:
+        rows = np.sort(rng.choice(args.cells, size=size, replace=False))
+        sub = x[rows]
+        loop, l_wall, l_cpu = timed(per_gene_loop_align, sub, col_to_ref, n_ref)
+        ours, o_wall, o_cpu = timed(align_to_reference, sub, col_to_ref, n_ref)
+        assert abs(loop - ours).max() == 0, "baseline and vectorised alignment disagree"
+        loop_cpu.append(l_cpu)
+        print(
+            f"per-gene loop alignment on {size:,} sampled cells: {l_wall:.2f}s wall / {l_cpu:.2f}s CPU "
+            f"(vectorised on the same cells: {o_wall:.3f}s wall / {o_cpu:.3f}s CPU)"
+        )
+    if len(sizes) == 2:
+        per_cell = max((loop_cpu[1] - loop_cpu[0]) / (sizes[1] - sizes[0]), 0.0)
+        overhead = max(loop_cpu[1] - per_cell * sizes[1], 0.0)
+    else:
+        per_cell, overhead = loop_cpu[0] / sizes[0], 0.0
+    loop_full = overhead + per_cell * args.cells
+    print(
+        f"per-gene loop alignment extrapolated to {args.cells:,} cells ({overhead:.2f}s + {per_cell * 1e3:.3f}ms "
+        f"per cell, CPU): {loop_full:.0f}s CPU = {args.cells / loop_full:,.0f} cells per CPU-second; not run at full "
+        f"size: its dense float32 output alone would need {args.cells * n_ref * 4 / 2**30:.1f} GiB"
+    )
+    return loop_full
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     args = get_args_parser().parse_args(argv)
     rng = np.random.default_rng(args.seed)
@@ -164,32 +196,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         f"(input {matrix_gb(x):.2f} GiB); process peak RSS so far: {rss_gb():.2f} GiB"
     )
 
-    # Baseline on two subsamples: its time is a per-gene overhead plus a per-cell part, so fit t = a + b * cells
-    # on CPU time and extrapolate (scaling one subsample linearly would overstate it). Ours on the same rows too.
-    sizes = sorted({max(1, min(args.baseline_cells, args.cells) // 2), min(args.baseline_cells, args.cells)})
-    loop_cpu = []
-    for size in sizes:
-        rows = np.sort(rng.choice(args.cells, size=size, replace=False))
-        sub = x[rows]
-        loop, l_wall, l_cpu = timed(per_gene_loop_align, sub, col_to_ref, len(reference))
-        ours, o_wall, o_cpu = timed(align_to_reference, sub, col_to_ref, len(reference))
-        assert abs(loop - ours).max() == 0, "baseline and vectorised alignment disagree"
-        loop_cpu.append(l_cpu)
-        print(
-            f"per-gene loop alignment on {size:,} sampled cells: {l_wall:.2f}s wall / {l_cpu:.2f}s CPU "
-            f"(vectorised on the same cells: {o_wall:.3f}s wall / {o_cpu:.3f}s CPU)"
-        )
-    if len(sizes) == 2:
-        per_cell = max((loop_cpu[1] - loop_cpu[0]) / (sizes[1] - sizes[0]), 0.0)
-        overhead = max(loop_cpu[1] - per_cell * sizes[1], 0.0)
-    else:
-        per_cell, overhead = loop_cpu[0] / sizes[0], 0.0
-    loop_full = overhead + per_cell * args.cells
-    print(
-        f"per-gene loop alignment extrapolated to {args.cells:,} cells ({overhead:.2f}s + {per_cell * 1e3:.3f}ms "
-        f"per cell, CPU): {loop_full:.0f}s CPU = {args.cells / loop_full:,.0f} cells per CPU-second; not run at full "
-        f"size: its dense float32 output alone would need {args.cells * len(reference) * 4 / 2**30:.1f} GiB"
-    )
+    loop_full = baseline_alignment(x, col_to_ref, len(reference), args, rng)
     print(f"alignment speed-up, vectorised over the per-gene loop (CPU time): x{loop_full / align_cpu:.1f}")
     print(f"process peak RSS: {rss_gb():.2f} GiB")
     return {

@@ -134,3 +134,29 @@ def test_adam_eps_follows_the_recipe():
     assert adam_eps(Namespace(amp="bf16", model_type="transformer")) == 1e-8
     assert adam_eps(Namespace(amp="fp16", model_type="performer")) == 1e-8
     assert adam_eps(Namespace(amp="none")) == 1e-8
+
+
+def test_transformer_under_the_legacy_launcher(binned_path, tmp_path):
+    """torch.distributed.launch (deprecated, still in torch 2.x; passes --local-rank=0) runs the transformer family's
+    pretraining as it runs the Performer's: rank 0 logs one line per epoch and the checkpoint records one rank."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from performer_pytorch import load_checkpoint
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    cmd = [sys.executable, "-m", "torch.distributed.launch", "--nproc_per_node", "1", "--master_port", port,
+           "pretrain.py", "--model_type", "transformer", "--data_path", binned_path, "--ckpt_dir", str(tmp_path),
+           *TINY, "--epoch", "1", "--model_name", "legacy"]
+    done = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": port})
+    assert done.returncode == 0, done.stderr[-3000:]
+    (line,) = (tmp_path / "legacy_log.jsonl").read_text().splitlines()
+    assert json.loads(line)["epoch"] == 1
+    ckpt = load_checkpoint(str(tmp_path / "legacy_1.pth"))
+    assert ckpt.model_type == "transformer" and ckpt.payload["world_size"] == 1
