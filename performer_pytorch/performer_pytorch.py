@@ -23,8 +23,8 @@ Two ways to compute the same numbers:
 - the fast path (`fast_attention.py`, the default): the same maths in token chunks, frozen blocks and inference
   without autograd, and a custom autograd Function for the attention core of blocks that need gradients.
 `with performer_pytorch.plain_attention(): ...` forces the plain path (to compare, or to debug).
-Which path a block takes is decided per forward call in `SequentialSequence.forward`; outputs agree within float32
-rounding (tests/test_fast_path.py).
+Which route a block takes is decided per forward call, in one call to `fast_route.run_blocks`; outputs agree within
+float32 rounding (tests/test_fast_path.py).
 """
 
 from __future__ import annotations
@@ -37,18 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cpu_workers
 from .errors import ScbertError
-from .fast_attention import (
-    BlockWeights,
-    Workspace,
-    blocks_forward_no_grad,
-    compute_dtype,
-    default_chunk_size,
-    fast_path_enabled,
-    favor_self_attention,
-)
-from .fast_feedforward import feed_forward_residual
+from .fast_attention import compute_dtype, default_chunk_size, fast_path_enabled, favor_self_attention
+from .fast_route import run_blocks
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The maths: random features and linear attention
@@ -300,21 +291,11 @@ class PreLayerNorm(nn.Module):
         return self.fn(self.norm(x))
 
 
-def _dropout_active(module: nn.Module) -> bool:
-    return any(m.training and m.p > 0 for m in module.modules() if isinstance(m, nn.Dropout))
-
-
 class SequentialSequence(nn.Module):
     """x <- x + attn(x); x <- x + ff(x), block after block (pre-LayerNorm residual blocks).
 
-    On the fast path each block picks its route at every call:
-    - no gradient needed (grad disabled, or an input that does not require grad and no trainable parameter in the
-      block, as for the frozen lower blocks when fine-tuning): no autograd at all; the chunked in-place
-      `blocks_forward_no_grad` when the block supports it (consecutive such blocks in one call), else the plain
-      modules under `torch.no_grad()`;
-    - otherwise autograd, with the attention's projections and core in `FavorAttentionFunction` and the feed-forward
-      sublayer in `FeedForwardFunction` (both chunked), LayerNorm and the output projection as modules.
-    So fine-tuning code only sets `requires_grad` flags; nothing else to call.
+    With the fast path on (the default), `fast_route.run_blocks` runs the blocks, choosing each block's route (no
+    autograd for frozen blocks and inference, chunked autograd functions otherwise); this class holds the plain maths.
     """
 
     def __init__(self, layers: nn.ModuleList):
@@ -325,91 +306,16 @@ class SequentialSequence(nn.Module):
         # module hooks on a block never fire there). The tensor may be updated in place afterwards: use it at once.
         self.block_input_observers: dict[int, Callable[[torch.Tensor], None]] = {}
 
-    @staticmethod
-    def block_needs_grad(x: torch.Tensor, attn: nn.Module, ff: nn.Module) -> bool:
-        if not torch.is_grad_enabled():
-            return False
-        return x.requires_grad or any(p.requires_grad for m in (attn, ff) for p in m.parameters())
-
-    @staticmethod
-    def feed_forward_fast_path_supported(ff: PreLayerNorm) -> bool:
-        feed_forward = ff.fn.fn
-        return (
-            not feed_forward.glu
-            and isinstance(feed_forward.act, nn.GELU)
-            and feed_forward.act.approximate == "none"
-            and not _dropout_active(ff)
-        )
-
-    @classmethod
-    def block_fast_path_supported(cls, attn: PreLayerNorm, ff: PreLayerNorm) -> bool:
-        return attn.fn.fast_path_supported and not _dropout_active(attn) and cls.feed_forward_fast_path_supported(ff)
-
-    def _observe(self, index: int, x: torch.Tensor) -> None:
-        observer = self.block_input_observers.get(index)
-        if observer is not None:
-            observer(x)
-
-    def feed_forward(self, x: torch.Tensor, ff: PreLayerNorm, chunk_size: int) -> torch.Tensor:
-        """x + ff(x) on the autograd route: the chunked `feed_forward_residual` where supported."""
-        if not self.feed_forward_fast_path_supported(ff):
-            return x + ff(x)
-        w1, w2 = ff.fn.fn.w1, ff.fn.fn.w2
-        return feed_forward_residual(x, ff.norm, w1.weight, w1.bias, w2.weight, w2.bias, chunk_size)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not fast_path_enabled():
-            for index, (attn, ff) in enumerate(self.layers):
-                self._observe(index, x)
-                x = x + attn(x)
-                x = x + ff(x)
-            return x
-        owned = False  # whether x is a tensor made here, which the no-grad route may update in place
-        # Chunk buffers shared by the no-grad blocks of this call, one set per thread running chunk tasks: made at the
-        # first such block (a call with none, e.g. pretraining, starts no threads).
-        workspaces: list[Workspace] = []
-        index = 0
-        while index < len(self.layers):
-            attn, ff = self.layers[index]
-            self._observe(index, x)
-            if self.block_needs_grad(x, attn, ff):
-                x = x + attn(x)
-                x = self.feed_forward(x, ff, attn.fn.tokens_per_chunk(x))
-                owned = False
-                index += 1
-            elif self.block_fast_path_supported(attn, ff):
-                dtype, chunk_size = compute_dtype(x), attn.fn.tokens_per_chunk(x)  # both read autocast, still on here
-                stop = self._no_grad_run_end(index, x, chunk_size)
-                with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-                    if not owned:
-                        x = x.detach().clone(memory_format=torch.contiguous_format)
-                        owned = True
-                    if not workspaces:
-                        workspaces = [Workspace(x.device) for _ in range(cpu_workers.count(x.device))]
-                    weights = [BlockWeights.from_block(a, f, dtype) for a, f in self.layers[index:stop]]
-                    x = blocks_forward_no_grad(x, weights, chunk_size, dtype, workspaces)
-                index = stop
-            else:
-                with torch.no_grad():
-                    x = x + attn(x)
-                    x = x + ff(x)
-                owned = True
-                index += 1
+        if fast_path_enabled():
+            return run_blocks(self, x)
+        for index, (attn, ff) in enumerate(self.layers):
+            observer = self.block_input_observers.get(index)
+            if observer is not None:
+                observer(x)
+            x = x + attn(x)
+            x = x + ff(x)
         return x
-
-    def _no_grad_run_end(self, index: int, x: torch.Tensor, chunk_size: int) -> int:
-        """The end of the run of blocks from `index` that can go through `blocks_forward_no_grad` together: blocks
-        that need no gradient (their input will not require grad), support the route, use the same chunk size, and
-        whose input no observer wants to see."""
-        stop = index + 1
-        while stop < len(self.layers) and stop not in self.block_input_observers:
-            attn, ff = self.layers[stop]
-            if torch.is_grad_enabled() and any(p.requires_grad for m in (attn, ff) for p in m.parameters()):
-                break
-            if not self.block_fast_path_supported(attn, ff) or attn.fn.tokens_per_chunk(x) != chunk_size:
-                break
-            stop += 1
-        return stop
 
 
 class Performer(nn.Module):

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import performer_pytorch.fast_route as route_module
 import performer_pytorch.performer_pytorch as model_module
 from performer_pytorch import (
     ClassificationHead,
@@ -266,13 +267,13 @@ def test_frozen_blocks_run_without_autograd_when_fine_tuning(monkeypatch):
     for module in (model.norm, model.performer.net.layers[-2], model.to_out):
         module.requires_grad_(True)
     calls = []
-    real = model_module.blocks_forward_no_grad
+    real = route_module.blocks_forward_no_grad
 
     def spy(x, weights, *args):
         calls.extend([torch.is_grad_enabled()] * len(weights))
         return real(x, weights, *args)
 
-    monkeypatch.setattr(model_module, "blocks_forward_no_grad", spy)
+    monkeypatch.setattr(route_module, "blocks_forward_no_grad", spy)
     tokens = different_cells(61)
     torch.manual_seed(3)
     weights = torch.randn(3, 3)
@@ -292,7 +293,7 @@ def test_frozen_blocks_run_without_autograd_when_fine_tuning(monkeypatch):
 def test_default_chunks_hold_the_same_bytes_in_bf16(monkeypatch):
     """CPU chunks: 1,024 float32 tokens, 2,048 bfloat16 ones (autocast), on the no-grad and the autograd routes."""
     chunks = []
-    real_block = model_module.blocks_forward_no_grad
+    real_block = route_module.blocks_forward_no_grad
     real_attention = model_module.favor_self_attention
 
     def block_spy(x, weights, chunk_size, *args):
@@ -303,7 +304,7 @@ def test_default_chunks_hold_the_same_bytes_in_bf16(monkeypatch):
         chunks.append(("autograd", args[-1]))
         return real_attention(*args)
 
-    monkeypatch.setattr(model_module, "blocks_forward_no_grad", block_spy)
+    monkeypatch.setattr(route_module, "blocks_forward_no_grad", block_spy)
     monkeypatch.setattr(model_module, "favor_self_attention", attention_spy)
     model = small_model(depth=1)
     tokens = different_cells(61)
@@ -319,7 +320,7 @@ def test_default_chunks_hold_the_same_bytes_in_bf16(monkeypatch):
 
 def test_plain_attention_switch_restores_the_fast_path(monkeypatch):
     calls = []
-    monkeypatch.setattr(model_module, "blocks_forward_no_grad", lambda x, *a: calls.append(1) or x)
+    monkeypatch.setattr(route_module, "blocks_forward_no_grad", lambda x, *a: calls.append(1) or x)
     model = small_model(depth=1).eval()
     with torch.no_grad():
         with plain_attention():

@@ -91,16 +91,16 @@ def test_scores_do_not_depend_on_batch_mates_or_autocast():
 
 def test_float32_recording_runs_each_block_once(monkeypatch):
     """The chosen block's input is taken from the model's own forward: recording the last layer adds no blocks."""
-    import performer_pytorch.performer_pytorch as model_module
+    import performer_pytorch.fast_route as route_module
 
     calls = []
-    real = model_module.blocks_forward_no_grad
+    real = route_module.blocks_forward_no_grad
 
     def spy(x, weights, *args):
         calls.extend([1] * len(weights))
         return real(x, weights, *args)
 
-    monkeypatch.setattr(model_module, "blocks_forward_no_grad", spy)
+    monkeypatch.setattr(route_module, "blocks_forward_no_grad", spy)
     model = tiny_model()
     tokens = torch.randint(0, 6, (2, 33))
     attention_received(model, tokens, layer=-1)
