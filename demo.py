@@ -11,6 +11,8 @@ Stages, each one of the project's real scripts run with real flags (the commands
   3. pretrain.py     masked expression-bin pretraining of a small Performer on the training cells
   4. finetune.py     cell-type fine-tuning on the training cells (known types only)
   5. predict.py      annotation of held-out cells with novel-type detection, evaluated against their labels
+  6. the second family (--transformer True): preprocess.py --recipe scgpt, pretrain.py --model_type transformer,
+     finetune.py and predict.py on the same training and query cells
   and, in-process, the baseline: L1 logistic regression on the same log-normalised expression and the same split.
 
 Everything is written under `--out_dir` (default demo_output/); a rerun replaces the previous run's outputs there,

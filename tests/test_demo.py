@@ -17,6 +17,10 @@ def test_demo_pipeline_on_a_subsample(tmp_path, capsys):
     for stage in ("data", "preprocess", "gene2vec", "pretrain", "finetune", "predict", "baseline"):
         assert results["timings_s"][stage] > 0, stage
     assert "scBERT" in printed and "L1 logistic regression" in printed
+    assert "scGPT-style transformer" in printed  # the second family's row, on the same query cells
+    for stage in ("preprocess_scgpt", "pretrain_scgpt", "finetune_scgpt", "predict_scgpt"):
+        assert results["timings_s"][stage] > 0, stage
+    assert 0.0 <= results["scGPT-style transformer"]["accuracy"] <= 1.0
     # The figures are well-formed fractions, and the saved JSON is what was printed.
     for method in ("scBERT", "L1 logistic regression"):
         for key in ("accuracy", "macro_f1"):
