@@ -28,8 +28,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from performer_pytorch.errors import ScbertError
-from utils import atomic_write_bytes
+from utils import ScbertError, atomic_write_bytes
 
 __all__ = ["LABEL_DICT_NAME", "LABEL_NAME", "read_label_dict", "write_label_files"]
 

@@ -16,7 +16,11 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from performer_pytorch.errors import ScbertError
+from performer_pytorch.errors import ModelInputError
+
+# The project's user-facing error: the model package's ModelInputError under the scripts' name, so that a problem
+# found in the package (an unreadable checkpoint) and one found by a script (a missing label column) are one type.
+ScbertError = ModelInputError
 
 __all__ = [
     "PREPROCESS_UNS_KEY",

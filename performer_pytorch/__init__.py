@@ -8,7 +8,7 @@ from .checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from .errors import ScbertError
+from .errors import ModelInputError
 from .fast_attention import fast_path_enabled, plain_attention
 from .performer_pytorch import (
     BlockLinear,
@@ -37,7 +37,7 @@ __all__ = [
     "Gene2VecPositionalEmbedding",
     "Performer",
     "PerformerLM",
-    "ScbertError",
+    "ModelInputError",
     "fast_path_enabled",
     "plain_attention",
     "SelfAttention",

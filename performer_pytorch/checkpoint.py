@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .errors import ScbertError
+from .errors import ModelInputError
 from .performer_pytorch import ClassificationHead, PerformerLM
 
 FORMAT_VERSION = 1
@@ -28,7 +28,7 @@ DEFAULT_MODEL_TYPE = "performer"  # what a checkpoint without `model_type` holds
 _PREFIXES = ("module.", "_orig_mod.")
 
 
-class CheckpointError(ScbertError):
+class CheckpointError(ModelInputError):
     """A checkpoint file that cannot be read, or does not fit the model asked for."""
 
 
@@ -58,7 +58,7 @@ class Checkpoint:
 def read_checkpoint_file(path: str) -> dict[str, Any]:
     """torch.load with weights_only=True and errors a user can act on; always maps to CPU."""
     if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path!r} does not exist: check the path given to --model_path")
+        raise CheckpointError(f"checkpoint {path!r} does not exist: check the path")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -147,8 +147,8 @@ def infer_config(
     inferred_heads = inner // dim_head
     if heads is not None and heads != inferred_heads:
         raise CheckpointError(
-            f"--heads {heads} does not fit the checkpoint, whose attention width {inner} with {dim_head} per head "
-            f"means {inferred_heads} heads: drop the flag or pass --heads {inferred_heads}"
+            f"heads={heads} does not fit the checkpoint, whose attention width {inner} with {dim_head} per head "
+            f"means {inferred_heads} heads: leave heads unset or pass heads={inferred_heads}"
         )
     if "pos_emb.emb.weight" in state_dict:
         max_seq_len = state_dict["pos_emb.emb.weight"].shape[0]
@@ -186,8 +186,8 @@ def load_checkpoint(path: str, *, heads: int | None = None) -> Checkpoint:
         source = "scbert"
         if heads is not None and heads != config.get("heads"):
             raise CheckpointError(
-                f"--heads {heads} does not fit the checkpoint, which was trained with {config.get('heads')} heads: "
-                "drop the flag"
+                f"heads={heads} does not fit the checkpoint, which was trained with {config.get('heads')} heads: "
+                "leave heads unset"
             )
     else:
         config = infer_config(state_dict, heads=heads, max_seq_len=len(genes) + 1 if genes else None)

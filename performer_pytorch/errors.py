@@ -1,8 +1,11 @@
-"""The one exception type for problems a user can fix (bad input, wrong file, wrong setup)."""
+"""The model package's one exception: what a caller handed it cannot be used."""
 
 
-class ScbertError(Exception):
-    """A problem with the user's input or setup; its message names the problem and the fix in one sentence.
+class ModelInputError(Exception):
+    """A gene2vec table of the wrong shape, a file that is not a checkpoint, weights that do not fit, a layer that does
+    not exist...: the message names the problem and the fix in one sentence, in the package's own terms (arguments
+    and files, not any script's flags).
 
-    Scripts turn it into `error: <message>` on stderr and exit code 2 (see `utils.run_cli`).
+    The project's scripts raise the same class under the name `utils.ScbertError` and turn it into one line on stderr
+    and exit code 2 (`utils.run_cli`).
     """

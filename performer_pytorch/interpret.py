@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import ScbertError
+from .errors import ModelInputError
 from .performer_pytorch import softmax_kernel
 
 __all__ = [
@@ -55,7 +55,7 @@ def attention_layer(model: nn.Module, layer: int = -1) -> nn.Module:
     """The `PreLayerNorm(SelfAttention)` of block `layer` (negative counts from the end)."""
     layers = model.performer.net.layers
     if not -len(layers) <= layer < len(layers):
-        raise ScbertError(
+        raise ModelInputError(
             f"attention layer {layer} does not exist in a model of depth {len(layers)}: pass a layer from "
             f"{-len(layers)} to {len(layers) - 1} (-1 is the last, as in the paper)"
         )

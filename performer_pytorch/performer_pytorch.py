@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ScbertError
+from .errors import ModelInputError
 from .fast_attention import compute_dtype, default_chunk_size, fast_path_enabled, favor_self_attention
 from .fast_route import run_blocks
 
@@ -424,7 +424,7 @@ class Gene2VecPositionalEmbedding(nn.Module):
             try:
                 table = np.load(table, allow_pickle=False)
             except (OSError, ValueError) as err:
-                raise ScbertError(
+                raise ModelInputError(
                     f"could not read the gene2vec file {table!r} ({err}): pass a .npy array of shape (genes, dim)"
                 ) from err
         rows = torch.as_tensor(np.asarray(table) if not isinstance(table, torch.Tensor) else table).float()
@@ -432,12 +432,12 @@ class Gene2VecPositionalEmbedding(nn.Module):
         if rows.dim() == 2 and rows.shape == (n - 1, dim):
             rows = torch.cat([rows, torch.zeros(1, dim)], dim=0)
         if rows.shape != (n, dim):
-            raise ScbertError(
+            raise ModelInputError(
                 f"the gene2vec table has shape {tuple(rows.shape)} but the model needs ({n - 1}, {dim}) "
                 f"(one row per reference gene, embedding size dim): build it for this gene list with gene2vec.py"
             )
         if not torch.isfinite(rows).all():
-            raise ScbertError("the gene2vec table holds NaN or infinite values: rebuild it with gene2vec.py")
+            raise ModelInputError("the gene2vec table holds NaN or infinite values: rebuild it with gene2vec.py")
         with torch.no_grad():
             self.emb.weight.copy_(rows)
         self.loaded = True
@@ -450,10 +450,10 @@ class Gene2VecPositionalEmbedding(nn.Module):
     def forward(self, n: int) -> torch.Tensor:
         """(n, dim) rows for positions 0..n-1."""
         if not self.loaded:
-            raise ScbertError(
-                "the model uses gene2vec positional embeddings but no table was given: pass --gene2vec_path "
-                "(a .npy from gene2vec.py), start from a checkpoint that holds one, or turn them off with "
-                "--pos_embed False"
+            raise ModelInputError(
+                "the model uses gene2vec positional embeddings but no table was given: pass gene2vec (a .npy path or "
+                "array from gene2vec.py), load a checkpoint that holds one, or build the model with "
+                "g2v_position_emb=False"
             )
         return self.emb.weight[:n]
 

@@ -74,7 +74,7 @@ def test_heads_flag_is_checked_against_the_weights(reference, tmp_path):
     path = tmp_path / "ref.pth"
     torch.save(reference["finetune_checkpoint"], path)
     assert load_checkpoint(str(path), heads=2).config["heads"] == 2
-    with pytest.raises(CheckpointError, match="--heads 10 does not fit"):
+    with pytest.raises(CheckpointError, match="heads=10 does not fit"):
         load_checkpoint(str(path), heads=10)
 
 

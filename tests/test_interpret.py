@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from performer_pytorch import PerformerLM, ScbertError, softmax_kernel
+from performer_pytorch import ModelInputError, PerformerLM, softmax_kernel
 from performer_pytorch.interpret import AttentionRecorder, GroupMeans, attention_received
 
 
@@ -113,7 +113,7 @@ def test_float32_recording_runs_each_block_once(monkeypatch):
 
 
 def test_missing_layer_is_refused_with_the_range():
-    with pytest.raises(ScbertError, match="from -3 to 2"):
+    with pytest.raises(ModelInputError, match="from -3 to 2"):
         attention_received(tiny_model(), torch.zeros(1, 33, dtype=torch.long), layer=3)
 
 
