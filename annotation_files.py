@@ -1,4 +1,5 @@
-"""The files predict.py writes, by kind: where they go, and writing them (rank 0, atomically, never over the input).
+"""predict.py's files: the query its flags name (`read_query`), and what it writes, by kind: where the outputs go
+and writing them (rank 0, atomically, never over the input).
 
 | kind | path | when |
 |---|---|---|
@@ -12,6 +13,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -20,7 +22,9 @@ from typing import Any
 
 import pandas as pd
 
-from utils import ScbertError, atomic_write_bytes, atomic_write_h5ad
+from annotate import Annotator, Refinement, check_model_flags, load_annotator, make_query
+from user_data import Query, read_user_file
+from utils import ScbertError, atomic_write_bytes, atomic_write_h5ad, read_preprocessed
 
 
 def output_paths(data_path: str, out_path: str | None, *, label_key: str | None = None, attention: str = "none",
@@ -117,3 +121,59 @@ def quiet_printer(quiet: bool, is_main: bool = True):
 
     say.progress = not quiet  # whether a progress bar may show
     return say
+
+
+def read_query(args: argparse.Namespace) -> tuple[Annotator, Query]:
+    """predict.py's model and checked query from its flags (the user's file preprocessed here with --preprocess
+    True, else a preprocess.py output)."""
+    annotator = load_annotator(args.model_path, label_dict=args.label_dict, heads=args.heads,
+                               novel_type=args.novel_type)
+    check_model_flags(annotator, gene_num=args.gene_num, bin_num=args.bin_num, pos_embed=args.pos_embed)
+    depth = len(annotator.model.named_blocks())
+    if args.attention != "none" and not -depth <= args.attention_layer < depth:
+        raise ScbertError(f"--attention_layer {args.attention_layer} does not exist in a model of depth {depth}: pass "
+                          f"a layer from {-depth} to {depth - 1} (-1 is the last, as in the paper)")
+    transformer = annotator.ckpt.model_type == "transformer"
+    if transformer and args.attention != "none":
+        raise ScbertError("--attention reads the Performer's FAVOR+ factors; the transformer has none: drop it")
+    fix = (f"run preprocess.py {'--recipe scgpt ' if transformer else ''}--ref {args.model_path} on the raw data so "
+           "it uses the model's genes in order" + ("" if transformer else ", or pass counts with --preprocess True"))
+    if args.preprocess:
+        query = make_query(read_user_file(args.data_path, transpose=args.transpose), annotator, preprocess=True,
+                           min_genes=args.min_genes, counts_from=args.counts_from)
+    else:
+        if transformer:  # bins from preprocess.py --recipe scgpt over its vocabulary
+            from scgpt_preprocess import read_binned
+
+            adata = read_binned(args.data_path, genes=annotator.ckpt.genes, fix_genes=fix)
+        else:
+            try:
+                adata = read_preprocessed(args.data_path, genes=annotator.ckpt.genes, fix_genes=fix)
+            except ScbertError as err:
+                hint = "; or pass --preprocess True to preprocess it here" if "raw counts" in str(err) else ""
+                raise ScbertError(f"{err}{hint}") from err
+        query = make_query(adata, annotator, data_name=repr(args.data_path))
+    if args.label_key is not None and args.label_key not in query.user.obs:
+        columns = ", ".join(map(str, list(query.user.obs.columns)[:10])) or "none"
+        raise ScbertError(f"--label_key {args.label_key!r} is not a column of obs in {args.data_path!r} "
+                          f"(columns: {columns}): pass one of them or drop the flag")
+    return annotator, query
+
+
+def write_all(args, query: Query, annotator: Annotator, paths, refine: Refinement, metrics, confusion, say) -> None:
+    """predict.py on rank 0: the plots (they may add the computed UMAP to the AnnData), the tables, the .h5ad."""
+    keys = refine.keys
+    if args.plots:
+        from plots import write_plots
+
+        attention = pd.read_csv(paths["attention"], index_col=0) if "attention" in paths else None
+        prob_match = refine.mode == "prob_match"
+        threshold = refine.p_thres if prob_match else (refine.unassign_thres if refine.novel_type else None)
+        write_plots(query.user, query.model_input, keys=keys, paths=paths, threshold=threshold,
+                    threshold_label="--p_thres" if prob_match else "--unassign_thres", attention=attention,
+                    seed=args.seed)
+    if query.summary is not None and query.summary.get("cells_unscored"):
+        say(f"{query.summary['cells_unscored']} of {query.user.n_obs} cells have fewer than --min_genes "
+            f"{args.min_genes} expressed model genes: labelled Unscored (obs[{keys.reason!r}] says why)")
+    write_outputs(query.user, keys=keys, classes=annotator.classes, paths=paths, metrics=metrics,
+                  confusion=confusion, say=say)

@@ -24,6 +24,7 @@ Checkpoints written before cards (and the reference's) have none: `describe_chec
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import functools
 import hashlib
@@ -181,3 +182,15 @@ def describe_checkpoint(path: str) -> str:
         lines.append(f"stored validation metrics: accuracy {metrics['accuracy']:.4f}, macro-F1 "
                      f"{metrics.get('macro_f1', float('nan')):.4f}")
     return "\n".join(lines)
+
+
+def show_model(argv: Sequence[str]) -> str | None:
+    """With --show_model PATH: the card of PATH (model_card.py), printed; None without the flag."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--show_model", default=None)
+    path = pre.parse_known_args(argv)[0].show_model
+    if path is None:
+        return None
+    text = describe_checkpoint(path)
+    print(text)
+    return text

@@ -30,7 +30,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import pandas as pd
 import torch
 
 import canal
@@ -43,17 +42,14 @@ from annotate import (
     Refinement,
     annotation_params,
     canal_novel_cells,
-    check_model_flags,
     check_novel_method,
     finish_annotations,
-    load_annotator,
-    make_query,
     predict_query,
 )
-from annotation_files import output_paths, quiet_printer, write_outputs
+from annotation_files import output_paths, quiet_printer, read_query, write_all
 from distributed import cleanup_distributed, setup_distributed
-from user_data import Query, read_user_file
-from utils import ScbertError, read_preprocessed, run_cli, str2bool
+from model_card import show_model
+from utils import ScbertError, run_cli, str2bool
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -181,42 +177,6 @@ class PredictResult:
     params: dict[str, Any] = field(default_factory=dict)
 
 
-def _load(args: argparse.Namespace) -> tuple[Annotator, Query]:
-    """The model and the checked query (the user's file preprocessed here with --preprocess True)."""
-    annotator = load_annotator(args.model_path, label_dict=args.label_dict, heads=args.heads,
-                               novel_type=args.novel_type)
-    check_model_flags(annotator, gene_num=args.gene_num, bin_num=args.bin_num, pos_embed=args.pos_embed)
-    depth = len(annotator.model.named_blocks())
-    if args.attention != "none" and not -depth <= args.attention_layer < depth:
-        raise ScbertError(f"--attention_layer {args.attention_layer} does not exist in a model of depth {depth}: pass "
-                          f"a layer from {-depth} to {depth - 1} (-1 is the last, as in the paper)")
-    transformer = annotator.ckpt.model_type == "transformer"
-    if transformer and args.attention != "none":
-        raise ScbertError("--attention reads the Performer's FAVOR+ factors; the transformer has none: drop it")
-    fix = (f"run preprocess.py {'--recipe scgpt ' if transformer else ''}--ref {args.model_path} on the raw data so "
-           "it uses the model's genes in order" + ("" if transformer else ", or pass counts with --preprocess True"))
-    if args.preprocess:
-        query = make_query(read_user_file(args.data_path, transpose=args.transpose), annotator, preprocess=True,
-                           min_genes=args.min_genes, counts_from=args.counts_from)
-    else:
-        if transformer:  # bins from preprocess.py --recipe scgpt over its vocabulary
-            from scgpt_preprocess import read_binned
-
-            adata = read_binned(args.data_path, genes=annotator.ckpt.genes, fix_genes=fix)
-        else:
-            try:
-                adata = read_preprocessed(args.data_path, genes=annotator.ckpt.genes, fix_genes=fix)
-            except ScbertError as err:
-                hint = "; or pass --preprocess True to preprocess it here" if "raw counts" in str(err) else ""
-                raise ScbertError(f"{err}{hint}") from err
-        query = make_query(adata, annotator, data_name=repr(args.data_path))
-    if args.label_key is not None and args.label_key not in query.user.obs:
-        columns = ", ".join(map(str, list(query.user.obs.columns)[:10])) or "none"
-        raise ScbertError(f"--label_key {args.label_key!r} is not a column of obs in {args.data_path!r} "
-                          f"(columns: {columns}): pass one of them or drop the flag")
-    return annotator, query
-
-
 def _params(args: argparse.Namespace, annotator: Annotator, device) -> dict[str, Any]:
     return annotation_params(
         annotator, data_path=os.path.abspath(args.data_path), novel_type=bool(args.novel_type),
@@ -239,23 +199,9 @@ def _refinement(args: argparse.Namespace) -> Refinement:
     return refine
 
 
-def _show_model(argv: Sequence[str]) -> str | None:
-    """With --show_model PATH: the card of PATH (model_card.py), printed; None without the flag."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--show_model", default=None)
-    path = pre.parse_known_args(argv)[0].show_model
-    if path is None:
-        return None
-    from model_card import describe_checkpoint
-
-    text = describe_checkpoint(path)
-    print(text)
-    return text
-
-
 def main(argv: Sequence[str] | None = None) -> PredictResult | str:
     argv = sys.argv[1:] if argv is None else list(argv)
-    card = _show_model(argv)
+    card = show_model(argv)
     if card is not None:
         return card
     args = get_args_parser().parse_args(argv)
@@ -266,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> PredictResult | str:
     say = quiet_printer(args.quiet, ctx.is_main)
     try:
         torch.manual_seed(args.seed)
-        annotator, query = _load(args)
+        annotator, query = read_query(args)
         embeddings = bool(args.embeddings) or (args.plots and "X_umap" not in query.user.obsm)
         use_canal = bool(args.novel_type) and args.novel_method == "canal"
         predictions, sink = predict_query(
@@ -285,30 +231,11 @@ def main(argv: Sequence[str] | None = None) -> PredictResult | str:
         if sink is not None:
             sink.finish(query.model_input.var_names, paths["attention"], paths.get("attention_cells"))
         if ctx.is_main:
-            _write(args, query, annotator, paths, refine, metrics, confusion, say)
+            write_all(args, query, annotator, paths, refine, metrics, confusion, say)
     finally:
         cleanup_distributed(ctx)
     return PredictResult(adata=query.user, paths=paths, predictions=predictions, metrics=metrics,
                          params=query.user.uns[refine.keys.uns]["params"])
-
-
-def _write(args, query: Query, annotator: Annotator, paths, refine: Refinement, metrics, confusion, say) -> None:
-    """Rank 0: the plots (they may add the computed UMAP to the AnnData), then the tables and the .h5ad."""
-    keys = refine.keys
-    if args.plots:
-        from plots import write_plots
-
-        attention = pd.read_csv(paths["attention"], index_col=0) if "attention" in paths else None
-        prob_match = refine.mode == "prob_match"
-        threshold = refine.p_thres if prob_match else (refine.unassign_thres if refine.novel_type else None)
-        write_plots(query.user, query.model_input, keys=keys, paths=paths, threshold=threshold,
-                    threshold_label="--p_thres" if prob_match else "--unassign_thres", attention=attention,
-                    seed=args.seed)
-    if query.summary is not None and query.summary.get("cells_unscored"):
-        say(f"{query.summary['cells_unscored']} of {query.user.n_obs} cells have fewer than --min_genes "
-            f"{args.min_genes} expressed model genes: labelled Unscored (obs[{keys.reason!r}] says why)")
-    write_outputs(query.user, keys=keys, classes=annotator.classes, paths=paths, metrics=metrics,
-                  confusion=confusion, say=say)
 
 
 if __name__ == "__main__":
