@@ -2,24 +2,35 @@
 
     from annotate import annotate
     adata = annotate(adata, "ckpts/finetune_best.pth", novel_type=True, unassign_thres=0.5)
+    adata = annotate(counts, "ckpts/finetune_best.pth", preprocess=True, majority_voting=True)  # CellTypist-style
 
 `adata` holds log2(1 + CP10K) values over the model's genes in its order (preprocess.py's output for
-`--ref <checkpoint>`). Cells are made into batches by the model family's vocab a batch at a time (the matrix is never
+`--ref <checkpoint>`), or with `preprocess=True` counts, preprocessed here onto the model's genes with every cell
+kept (user_data.py). Cells are made into batches by the model family's vocab a batch at a time (the matrix is never
 densified as a whole), classified, and labelled with the argmax class; with `novel_type=True` a cell whose top
 probability is below `unassign_thres` is `Unassigned` (SPEC section 5), or, with `novel_method="canal"`, a cell
-more uncertain than CANAL's virtual outliers (canal.canal_novelty). Under torchrun each rank predicts a
-contiguous shard of the cells and every rank receives all of them; the caller writes on rank 0.
+more uncertain than CANAL's virtual outliers (canal.canal_novelty). `mode="prob_match"` and majority voting refine
+the labels as CellTypist does (voting.py). Under torchrun each rank predicts a contiguous shard of the cells and
+every rank receives all of them; the caller writes on rank 0.
 
-Fields written (as scanpy does: labels categorical in obs, arrays in obsm, parameters in uns):
+Fields written (as scanpy does: labels categorical in obs, arrays in obsm, parameters in uns); "scbert_" is the
+default `prefix` (`Keys`):
     obs['scbert_celltype']        categorical: every class of the model (in class order, so colours stay stable
-                                  across queries), then `Unassigned` when novel_type (whether used or not)
-    obs['scbert_confidence']      float32, the top class probability
+                                  across queries), then `Unassigned` when novel_type (whether used or not); with
+                                  mode "prob_match" also the "A|B" combinations that occur; `Unscored` for cells
+                                  too sparse to score (preprocess=True)
+    obs['scbert_confidence']      float32, the top class probability (NaN for unscored cells)
     obs['scbert_novelty']         with novel_method "canal": float32 uncertainty score u in [0, 1] (the threshold
                                   is params['novel_threshold'])
-    obsm['scbert_probabilities']  float32 (cells, classes): softmax of the class logits
+    obs['scbert_majority_voting'] with majority_voting: categorical, the majority label of the cell's over-cluster
+    obs['scbert_over_clustering'] with over_clustering "auto": the Leiden over-cluster of each scored cell
+    obs['scbert_unscored_reason'] with preprocess=True: why a cell was not scored, "" for scored cells
+    obsm['scbert_probabilities']  float32 (cells, classes): softmax of the class logits (NaN rows: unscored)
+    obsm['scbert_logits']         float32 (cells, classes): the head's outputs (the decision matrix)
     obsm['X_scbert']              with embeddings=True: float32 (cells, dim) cell embeddings (the family's `pool`)
     uns['scbert_predict']         {'params': {...settings}, 'classes': [...obsm column order], 'metrics': {...}
-                                   with label_key}
+                                   with label_key, 'majority_voting': {...} with majority voting}
+    uns['scbert_celltype_colors'] a colour per category (and for the majority vote), as scanpy's plots read them
 """
 
 from __future__ import annotations
