@@ -750,7 +750,9 @@ class AttentionSink:
         dist.all_reduce(counts)
         self.means.sums, self.means.counts = sums.cpu().numpy(), counts.cpu().numpy()
 
-    def finish(self, gene_names: Sequence[str], csv_path: str, cells_path: str | None) -> None:
+    def finish(self, gene_names: Sequence[str], csv_path: str | None, cells_path: str | None) -> pd.DataFrame | None:
+        """Rank 0: the means table (genes x types called, then all_cells), written to csv_path unless None, and
+        returned; other ranks return None."""
         self._reduce()
         if self.cells is not None:
             self.cells.flush()
@@ -758,10 +760,12 @@ class AttentionSink:
         if self.ctx is not None:
             barrier(self.ctx)
         if self.ctx is not None and not self.ctx.is_main:
-            return
+            return None
         table = pd.DataFrame(self.means.means().T, index=pd.Index(list(gene_names), name="gene"),
                              columns=self.means.groups)
         table = table.loc[:, self.means.counts > 0]  # only types some cell was called
-        atomic_write_bytes(csv_path, table.to_csv(float_format="%.6g").encode("utf-8"))
+        if csv_path is not None:
+            atomic_write_bytes(csv_path, table.to_csv(float_format="%.6g").encode("utf-8"))
         if cells_path is not None:
             os.replace(self.cells_tmp, cells_path)
+        return table

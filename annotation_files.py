@@ -7,7 +7,7 @@ and writing them (rank 0, atomically, never over the input).
 | csv | `<out stem>.csv`: cell_id, label, confidence, [majority vote], [unscored reason], prob_<class>... | always |
 | summary | `<out stem>_summary.csv`: cells and share per predicted type (and per majority vote) | --summary True |
 | metrics, confusion | `<out stem>_metrics.json`, `<out stem>_confusion.csv` | with --label_key |
-| attention, attention_cells | `<out stem>_attention.csv`, `<out stem>_attention_cells.npy` | --attention type / cell |
+| attention, attention_cells | `<out stem>_attention.csv`, `_attention_cells.npy` (rows: scored cells) | --attention |
 | umap, dotplot, confidence | `<out stem>_umap.png`, `_dotplot.png`, `_confidence.png` (plots.py) | --plots True |
 """
 
@@ -160,13 +160,13 @@ def read_query(args: argparse.Namespace) -> tuple[Annotator, Query]:
     return annotator, query
 
 
-def write_all(args, query: Query, annotator: Annotator, paths, refine: Refinement, metrics, confusion, say) -> None:
+def write_all(args, query: Query, annotator: Annotator, paths, refine: Refinement, metrics, confusion, say, *,
+              attention: pd.DataFrame | None = None) -> None:
     """predict.py on rank 0: the plots (they may add the computed UMAP to the AnnData), the tables, the .h5ad."""
     keys = refine.keys
     if args.plots:
         from plots import write_plots
 
-        attention = pd.read_csv(paths["attention"], index_col=0) if "attention" in paths else None
         prob_match = refine.mode == "prob_match"
         threshold = refine.p_thres if prob_match else (refine.unassign_thres if refine.novel_type else None)
         write_plots(query.user, query.model_input, keys=keys, paths=paths, threshold=threshold,

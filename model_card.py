@@ -12,7 +12,7 @@ loads with `torch.load(..., weights_only=True)`. Fields:
     classes           [{"name", "train_cells", "valid_cells"}] in the head's output order
     genes             {"count", "sha256"}: sha256 of the gene list joined by newlines (`genes_hash`), so two
                       checkpoints over the same reference genes in the same order have the same hash
-    training_data     {"path", "label_key", "cells", "train_cells", "valid_cells"}
+    training_data     {"path" (a list for a continual stream), "label_key", "cells", "train_cells", "valid_cells"}
     validation        {"epoch", "accuracy", "macro_f1", "cells", "per_class_f1": {name: f1}}
     pretrained_from   the --model_path fine-tuning started from ("none" for random weights), and that checkpoint's
                       own card's pretrained_from when it has one (pretraining_source)
@@ -93,10 +93,11 @@ def build_card(*, args, model, genes: Sequence[str], classes: Sequence[str], lab
     n = len(classes)
     train_counts = np.bincount(np.asarray(labels)[train_idx], minlength=n)
     valid_counts = np.bincount(np.asarray(labels)[valid_idx], minlength=n)
-    data_path = getattr(args, "data_path", None)
+    data_path = getattr(args, "data_path", None)  # one file (finetune.py) or a stream of them (continual.py)
+    data_paths = [os.path.abspath(str(p)) for p in ([data_path] if isinstance(data_path, str) else data_path or [])]
+    names = ", ".join(os.path.basename(p) for p in data_paths) or "in-memory data"
     description = getattr(args, "description", None) or (
-        f"{getattr(args, 'model_type', 'performer')} model fine-tuned on "
-        f"{os.path.basename(str(data_path)) if data_path else 'in-memory data'} to classify {n} cell types "
+        f"{getattr(args, 'model_type', 'performer')} model fine-tuned on {names} to classify {n} cell types "
         f"(obs[{getattr(args, 'label_key', 'celltype')!r}])")
     pretrained_from, source = _pretraining_source(getattr(args, "model_path", None))
     per_class = metrics.get("per_class") or {}
@@ -108,7 +109,7 @@ def build_card(*, args, model, genes: Sequence[str], classes: Sequence[str], lab
         "classes": [{"name": str(c), "train_cells": int(t), "valid_cells": int(v)}
                     for c, t, v in zip(classes, train_counts, valid_counts, strict=True)],
         "genes": {"count": len(genes), "sha256": genes_hash(genes)},
-        "training_data": {"path": os.path.abspath(data_path) if data_path else "in memory",
+        "training_data": {"path": data_paths[0] if len(data_paths) == 1 else (data_paths or "in memory"),
                           "label_key": str(getattr(args, "label_key", "")), "cells": int(len(labels)),
                           "train_cells": int(len(train_idx)), "valid_cells": int(len(valid_idx))},
         "validation": {"epoch": int(metrics["epoch"]), "accuracy": float(metrics["accuracy"]),

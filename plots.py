@@ -5,9 +5,10 @@
 - `<out stem>_umap.png`: UMAP coloured by predicted type, by confidence, and by majority vote (with majority
   voting): the user's own `obsm['X_umap']` when it covers every cell, else one computed here from the cell
   embeddings (`obsm['X_scbert']`) of the scored cells, stored in `obsm['X_scbert_umap']`;
-- `<out stem>_dotplot.png`: scanpy's dot plot of the top genes per predicted type, over the model's input:
-  the genes receiving the most attention in each type when attention was computed, else each type's top marker
-  genes (scanpy's t-test of the type against the rest);
+- `<out stem>_dotplot.png`: scanpy's dot plot of the top genes per predicted type, over the model's input: for
+  the Performer, the genes whose attention received in that type most exceeds their attention over all cells
+  (predict.py reduces attention per type for the plot even without --attention), else (the transformer, CANAL's
+  novel call) each type's top marker genes (scanpy's t-test of the type against the rest);
 - `<out stem>_confidence.png`: histogram of the top class probabilities, with the threshold marked.
 
 Each PNG has a fixed size in pixels (`UMAP_PANEL`, `DOTPLOT`, `HISTOGRAM` inches at `DPI`; the UMAP is one panel
@@ -113,16 +114,18 @@ def plot_umap(user, coords: np.ndarray, colour_keys: Sequence[str], path: str) -
 
 
 def top_genes(model_input, label_key: str, attention: pd.DataFrame | None, n_top: int = TOP_GENES) -> list[str]:
-    """The dot plot's genes: per predicted type, the n_top receiving the most attention (`attention`: genes x
-    types, from --attention), else the type's top t-test markers against the rest; in type order, no repeats."""
+    """The dot plot's genes: per predicted type, the n_top whose attention received most exceeds their mean over all
+    cells (`attention`: genes x types plus all_cells, `AttentionSink.finish`), else the type's top t-test markers
+    against the rest; in type order, no repeats."""
     import scanpy as sc
 
     groups = model_input.obs[label_key].astype(str)
     counts = groups.value_counts()
     chosen: list[str] = []
-    if attention is not None:
+    if attention is not None:  # attention that sets the type apart: its mean over the type's cells minus all cells'
         for name in [c for c in attention.columns if c != "all_cells"]:
-            chosen += list(attention[name].sort_values(ascending=False).index[:n_top])
+            excess = attention[name] - attention["all_cells"] if "all_cells" in attention else attention[name]
+            chosen += list(excess.sort_values(ascending=False).index[:n_top])
     else:
         eligible = [g for g in model_input.obs[label_key].cat.categories if counts.get(str(g), 0) >= 2]
         if len(eligible) >= 2:

@@ -215,9 +215,12 @@ def main(argv: Sequence[str] | None = None) -> PredictResult | str:
         annotator, query = read_query(args)
         embeddings = bool(args.embeddings) or (args.plots and "X_umap" not in query.user.obsm)
         use_canal = bool(args.novel_type) and args.novel_method == "canal"
+        attention = args.attention
+        if args.plots and attention == "none" and annotator.ckpt.model_type != "transformer" and not use_canal:
+            attention = "type"  # the dot plot's genes: attention per type, reduced in memory, no file
         predictions, sink = predict_query(
             annotator, query, ctx=ctx, batch_size=args.batch_size, amp=args.amp, embeddings=embeddings,
-            attention=args.attention, attention_layer=args.attention_layer, novel_type=args.novel_type,
+            attention=attention, attention_layer=args.attention_layer, novel_type=args.novel_type,
             unassign_thres=args.unassign_thres, cells_path=paths.get("attention_cells"), first_hidden=use_canal,
             say=say)
         novelty = None
@@ -228,10 +231,11 @@ def main(argv: Sequence[str] | None = None) -> PredictResult | str:
                 f"{query.x.shape[0]} cells above it")
         metrics, confusion = finish_annotations(query, annotator, predictions, refine,
                                                 _params(args, annotator, ctx.device), novelty=novelty)
+        table = None
         if sink is not None:
-            sink.finish(query.model_input.var_names, paths["attention"], paths.get("attention_cells"))
+            table = sink.finish(query.model_input.var_names, paths.get("attention"), paths.get("attention_cells"))
         if ctx.is_main:
-            write_all(args, query, annotator, paths, refine, metrics, confusion, say)
+            write_all(args, query, annotator, paths, refine, metrics, confusion, say, attention=table)
     finally:
         cleanup_distributed(ctx)
     return PredictResult(adata=query.user, paths=paths, predictions=predictions, metrics=metrics,
