@@ -154,7 +154,10 @@ def describe_checkpoint(path: str) -> str:
     """The card of the checkpoint at `path`, or, for one without a card, what it holds (format, family, size,
     genes, classes, epoch, stored metrics)."""
     from performer_pytorch import load_checkpoint
+    from utils import ScbertError
 
+    if not os.path.isfile(path):
+        raise ScbertError(f"checkpoint {path!r} does not exist: check the path given to --show_model")
     ckpt = load_checkpoint(path)
     card = ckpt.payload.get(CARD_KEY)
     header = f"{os.path.abspath(path)} ({ckpt.source} format)"

@@ -259,3 +259,5 @@ def test_model_card_round_trips_and_prints(tmp_path, capsys):
 def test_show_model_of_a_checkpoint_without_a_card(files, capsys):
     text = predict.main(["--show_model", files["ckpt"]])
     assert "no model card" in text and "B cell, NK, T cell" in text and "genes: 20" in text
+    with pytest.raises(ScbertError, match="does not exist: check the path given to --show_model"):
+        predict.main(["--show_model", files["ckpt"] + ".missing"])
