@@ -103,12 +103,13 @@ def plot_umap(user, coords: np.ndarray, colour_keys: Sequence[str], path: str) -
     for key in colour_keys:
         if f"{key}_colors" in user.uns:
             view.uns[f"{key}_colors"] = list(user.uns[f"{key}_colors"])
+    point_size = min(120_000 / max(user.n_obs, 1), 40.0)  # scanpy's size for large data, capped for small ones
     width, height = UMAP_PANEL
     fig, axes = plt.subplots(1, len(colour_keys), figsize=(width * len(colour_keys), height), layout="constrained",
                              squeeze=False)
     for ax, key in zip(axes[0], colour_keys, strict=True):
         categorical = isinstance(view.obs[key].dtype, pd.CategoricalDtype)
-        sc.pl.umap(view, color=key, ax=ax, show=False, frameon=False, title=key,
+        sc.pl.umap(view, color=key, ax=ax, show=False, frameon=False, title=key, size=point_size,
                    legend_fontsize=7 if categorical else None, color_map="viridis")
     _save(fig, path)
 
@@ -150,6 +151,7 @@ def plot_dotplot(model_input, label_key: str, genes: Sequence[str], path: str) -
     fig_obj = sc.pl.dotplot(work, var_names=list(genes), groupby=label_key, figsize=DOTPLOT, show=False,
                             return_fig=True, title="top genes per predicted type")
     fig_obj.make_figure()
+    fig_obj.fig.subplots_adjust(left=0.25, bottom=0.18)  # room for long type names and gene names in a fixed size
     _save(fig_obj.fig, path)
 
 
