@@ -2,30 +2,42 @@
 
     from annotate import annotate
     adata = annotate(adata, "ckpts/finetune_best.pth", novel_type=True, unassign_thres=0.5)
+    adata = annotate(counts, "ckpts/finetune_best.pth", preprocess=True, majority_voting=True)  # CellTypist-style
 
 `adata` holds log2(1 + CP10K) values over the model's genes in its order (preprocess.py's output for
-`--ref <checkpoint>`). Cells are made into batches by the model family's vocab a batch at a time (the matrix is never
+`--ref <checkpoint>`), or with `preprocess=True` counts, preprocessed here onto the model's genes with every cell
+kept (user_data.py). Cells are made into batches by the model family's vocab a batch at a time (the matrix is never
 densified as a whole), classified, and labelled with the argmax class; with `novel_type=True` a cell whose top
 probability is below `unassign_thres` is `Unassigned` (SPEC section 5), or, with `novel_method="canal"`, a cell
-more uncertain than CANAL's virtual outliers (canal.canal_novelty). Under torchrun each rank predicts a
-contiguous shard of the cells and every rank receives all of them; the caller writes on rank 0.
+more uncertain than CANAL's virtual outliers (canal.canal_novelty). `mode="prob_match"` and majority voting refine
+the labels as CellTypist does (voting.py). Under torchrun each rank predicts a contiguous shard of the cells and
+every rank receives all of them; the caller writes on rank 0.
 
-Fields written (as scanpy does: labels categorical in obs, arrays in obsm, parameters in uns):
+Fields written (as scanpy does: labels categorical in obs, arrays in obsm, parameters in uns); "scbert_" is the
+default `prefix` (`Keys`):
     obs['scbert_celltype']        categorical: every class of the model (in class order, so colours stay stable
-                                  across queries), then `Unassigned` when novel_type (whether used or not)
-    obs['scbert_confidence']      float32, the top class probability
+                                  across queries), then `Unassigned` when novel_type (whether used or not); with
+                                  mode "prob_match" also the "A|B" combinations that occur; `Unscored` for cells
+                                  too sparse to score (preprocess=True)
+    obs['scbert_confidence']      float32, the top class probability (NaN for unscored cells)
     obs['scbert_novelty']         with novel_method "canal": float32 uncertainty score u in [0, 1] (the threshold
                                   is params['novel_threshold'])
-    obsm['scbert_probabilities']  float32 (cells, classes): softmax of the class logits
+    obs['scbert_majority_voting'] with majority_voting: categorical, the majority label of the cell's over-cluster
+    obs['scbert_over_clustering'] with over_clustering "auto": the Leiden over-cluster of each scored cell
+    obs['scbert_unscored_reason'] with preprocess=True: why a cell was not scored, "" for scored cells
+    obsm['scbert_probabilities']  float32 (cells, classes): softmax of the class logits (NaN rows: unscored)
+    obsm['scbert_logits']         float32 (cells, classes): the head's outputs (the decision matrix)
     obsm['X_scbert']              with embeddings=True: float32 (cells, dim) cell embeddings (the family's `pool`)
     uns['scbert_predict']         {'params': {...settings}, 'classes': [...obsm column order], 'metrics': {...}
-                                   with label_key}
+                                   with label_key, 'majority_voting': {...} with majority voting}
+    uns['scbert_celltype_colors'] a colour per category (and for the majority vote), as scanpy's plots read them
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -40,6 +52,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import canal
+import voting
 from distributed import DistContext, barrier, gather_tensors
 from label_io import read_label_dict
 from metrics import UNASSIGNED, annotation_metrics
@@ -49,6 +62,8 @@ from performer_pytorch import load_checkpoint
 from performer_pytorch.checkpoint import Checkpoint
 from performer_pytorch.cpu_threads import configure_threads
 from performer_pytorch.interpret import AttentionRecorder, GroupMeans
+from plots import label_colors
+from user_data import UNSCORED, Query, prepare_query, preprocessed_query, transfer
 from utils import ScbertError, atomic_write_bytes, check_expression, check_gene_order
 
 __all__ = [
@@ -67,6 +82,11 @@ __all__ = [
     "label_categories",
     "load_annotator",
     "predict_cells",
+    "predict_query",
+    "Keys",
+    "Refinement",
+    "finish_annotations",
+    "make_query",
     "score_annotations",
     "write_annotations",
 ]
@@ -92,6 +112,7 @@ class Predictions:
     attention: np.ndarray | None = None
     seconds: float = 0.0
     first_hidden: np.ndarray | None = None  # (cells, hidden) the head's first hidden layer, for novel_method "canal"
+    logits: np.ndarray | None = None  # float32 (cells, classes): the head's outputs before the softmax
 
 
 @dataclass
@@ -217,7 +238,8 @@ def predict_cells(
     configure_threads(model, device)  # 1 thread for small models, the free cores for large ones
     X = sp.csr_matrix(X) if not sp.issparse(X) else X.tocsr()
     autocast = Amp(amp, device).autocast
-    probs, pooled, kept, hidden = [], [], [], []  # per batch: (b, classes), (b, dim), (b, genes + 1), (b, hidden)
+    probs, logit_rows, pooled, kept, hidden = [], [], [], [], []  # per batch: (b, classes) x 2, (b, dim),
+    # (b, genes + 1), (b, hidden)
     recorder = AttentionRecorder(model, attention_layer) if attention_layer is not None else None
     rows = _shard(n_cells, ctx)
     start = time.perf_counter()
@@ -234,6 +256,7 @@ def predict_cells(
                 if first_hidden:
                     hidden.append(canal.head_first_hidden(model.head, encodings).float().cpu().numpy())
             probs.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
+            logit_rows.append(logits.float().cpu().numpy())
             if embeddings:
                 pooled.append(model.pool(encodings, batch).cpu().numpy())
             if recorder is not None:
@@ -248,7 +271,37 @@ def predict_cells(
     attention = _gather_rows(kept, n_genes + 1, ctx) if recorder is not None and on_attention is None else None
     return Predictions(probs=_gather_rows(probs, n_classes, ctx), seconds=seconds, attention=attention,
                        embeddings=_gather_rows(pooled, None, ctx) if embeddings else None,
-                       first_hidden=_gather_rows(hidden, None, ctx) if first_hidden else None)
+                       first_hidden=_gather_rows(hidden, None, ctx) if first_hidden else None,
+                       logits=_gather_rows(logit_rows, n_classes, ctx))
+
+
+def predict_query(annotator: Annotator, query: Query, *, ctx: DistContext, batch_size: int = 8, amp: str = "none",
+                  embeddings: bool = False, attention: str = "none", attention_layer: int = -1,
+                  novel_type: bool = False, unassign_thres: float = 0.5, cells_path: str | None = None,
+                  first_hidden: bool = False, say: Callable[..., None] = print) -> tuple[Predictions, Any]:
+    """`predict_cells` on the scored cells of `query`, with the attention reduced while predicting for attention
+    "type"/"cell" (an `AttentionSink`, whose `finish` writes its files; None otherwise); a progress bar on rank 0
+    unless say is silent. Returns (predictions, sink)."""
+    x = query.x
+    sink = None
+    if attention != "none":
+        sink = AttentionSink(annotator.classes, x.shape[0], x.shape[1], novel_type=novel_type,
+                             unassign_thres=unassign_thres, cells_path=cells_path, ctx=ctx)
+    say(f"predicting {x.shape[0]} cells x {x.shape[1]} genes with {len(annotator.classes)} classes on {ctx.device} "
+        f"x {ctx.world_size}")
+    try:
+        predictions = predict_cells(
+            annotator.model, x, batch_size=batch_size, device=ctx.device, amp=amp, embeddings=embeddings,
+            attention_layer=attention_layer if sink else None, on_attention=sink,
+            progress=ctx.is_main and getattr(say, "progress", True), ctx=ctx, first_hidden=first_hidden,
+        )
+    except BaseException:
+        if sink is not None:
+            sink.discard()
+        raise
+    rate = x.shape[0] / max(predictions.seconds, 1e-9)
+    say(f"predicted {x.shape[0]} cells in {predictions.seconds:.1f} s ({rate:.1f} cells/s)")
+    return predictions, sink
 
 
 NOVEL_METHODS = ("threshold", "canal")
@@ -297,37 +350,207 @@ def label_categories(classes: Sequence[str], novel_type: bool) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Keys:
+    """The field names written for a `prefix` (default "scbert_", the published names)."""
+
+    prefix: str = "scbert_"
+
+    @property
+    def label(self) -> str:
+        return f"{self.prefix}celltype"
+
+    @property
+    def confidence(self) -> str:
+        return f"{self.prefix}confidence"
+
+    @property
+    def probabilities(self) -> str:
+        return f"{self.prefix}probabilities"
+
+    @property
+    def logits(self) -> str:
+        return f"{self.prefix}logits"
+
+    @property
+    def novelty(self) -> str:
+        return f"{self.prefix}novelty"
+
+    @property
+    def uns(self) -> str:
+        return f"{self.prefix}predict"
+
+    @property
+    def embedding(self) -> str:
+        return f"X_{self.prefix.rstrip('_')}"
+
+    @property
+    def umap(self) -> str:
+        return f"X_{self.prefix}umap"
+
+    @property
+    def majority(self) -> str:
+        return f"{self.prefix}majority_voting"
+
+    @property
+    def over_clustering(self) -> str:
+        return f"{self.prefix}over_clustering"
+
+    @property
+    def reason(self) -> str:
+        return f"{self.prefix}unscored_reason"
+
+
+MODES = ("best_match", "prob_match")
+
+
+@dataclass
+class Refinement:
+    """How labels are made from the probabilities and refined (CellTypist's options; see voting.py).
+
+    novel_type / unassign_thres: `Unassigned` below the top-probability threshold (best_match); mode "prob_match":
+    every class reaching p_thres, "A|B" for two; majority_voting: each over-cluster (an obs column, or "auto":
+    Leiden) takes its majority label, `Unassigned` when that label holds less than min_prop of it; prefix: the
+    field names (`Keys`); label_key: an obs column of known types to score against."""
+
+    novel_type: bool = False
+    unassign_thres: float = 0.5
+    mode: str = "best_match"
+    p_thres: float = 0.5
+    majority_voting: bool = False
+    over_clustering: str = "auto"
+    min_prop: float = 0.0
+    prefix: str = "scbert_"
+    seed: int = 0
+    label_key: str | None = None
+
+    def check(self) -> None:
+        if not 0.0 <= self.unassign_thres <= 1.0:
+            raise ScbertError(f"--unassign_thres must be a probability in [0, 1], got {self.unassign_thres}")
+        if self.mode not in MODES:
+            raise ScbertError(f"--mode {self.mode!r} is not known: pass one of {', '.join(MODES)}")
+        if not 0.0 < self.p_thres <= 1.0:
+            raise ScbertError(f"--p_thres must be a probability in (0, 1], got {self.p_thres}")
+        if not 0.0 <= self.min_prop <= 1.0:
+            raise ScbertError(f"--min_prop must be a proportion in [0, 1], got {self.min_prop}")
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", self.prefix):
+            raise ScbertError(f"--prefix {self.prefix!r} must start with a letter and hold only letters, digits and "
+                              "underscores (e.g. scbert_)")
+
+    @property
+    def keys(self) -> Keys:
+        return Keys(self.prefix)
+
+    def params(self) -> dict[str, Any]:
+        """The settings recorded in uns['<prefix>predict']['params'] besides the published ones."""
+        out: dict[str, Any] = {"mode": self.mode, "prefix": self.prefix}
+        if self.mode == "prob_match":
+            out["p_thres"] = float(self.p_thres)
+        if self.majority_voting:
+            out.update(majority_voting=True, over_clustering=self.over_clustering, min_prop=float(self.min_prop))
+        return out
+
+
 def write_annotations(adata, predictions: Predictions, classes: Sequence[str], *, novel_type: bool,
-                      unassign_thres: float, params: dict[str, Any], novelty: canal.Novelty | None = None) -> None:
+                      unassign_thres: float, params: dict[str, Any], novelty: canal.Novelty | None = None,
+                      keys: Keys = Keys(), mode: str = "best_match", p_thres: float = 0.5) -> None:
     """Write obs/obsm/uns as listed in the module docstring (params: None values are left out; h5ad has no None).
     novelty: CANAL's novel-cell call (`canal_novel_cells`), used instead of the fixed threshold; adds
-    obs['scbert_novelty'] (its uncertainty score) and the threshold to the params."""
+    obs['scbert_novelty'] (its uncertainty score) and the threshold to the params. mode "prob_match": labels from
+    `voting.prob_match_labels` (novel_type and unassign_thres then unused)."""
     novel = novelty.novel.cpu().numpy() if novelty is not None else None
     labels, confidence = assign_labels(predictions.probs, classes, novel_type=novel_type,
                                        unassign_thres=unassign_thres, novel=novel)
-    adata.obs["scbert_celltype"] = pd.Categorical(labels, categories=label_categories(classes, novel_type))
-    adata.obs["scbert_confidence"] = confidence
-    adata.obsm["scbert_probabilities"] = predictions.probs
+    categories = label_categories(classes, novel_type)
+    if mode == "prob_match":
+        labels = voting.prob_match_labels(predictions.probs, classes, p_thres)
+        categories = voting.match_categories(labels, classes)
+    adata.obs[keys.label] = pd.Categorical(labels, categories=categories)
+    adata.obs[keys.confidence] = confidence
+    adata.obsm[keys.probabilities] = predictions.probs
+    if predictions.logits is not None:
+        adata.obsm[keys.logits] = predictions.logits
     if predictions.embeddings is not None:
-        adata.obsm["X_scbert"] = predictions.embeddings
+        adata.obsm[keys.embedding] = predictions.embeddings
     if novelty is not None:
-        adata.obs["scbert_novelty"] = novelty.score.cpu().numpy().astype(np.float32)
+        adata.obs[keys.novelty] = novelty.score.cpu().numpy().astype(np.float32)
         params = {**params, "novel_threshold": float(novelty.threshold)}
-    adata.uns[UNS_KEY] = {"params": {k: v for k, v in params.items() if v is not None}, "classes": list(classes)}
+    adata.uns[keys.uns] = {"params": {k: v for k, v in params.items() if v is not None}, "classes": list(classes)}
 
 
-def score_annotations(adata, label_key: str, classes: Sequence[str], *, novel_type: bool):
+def score_annotations(adata, label_key: str, classes: Sequence[str], *, novel_type: bool, keys: Keys = Keys()):
     """(metrics, confusion) of obs['scbert_celltype'] against obs[label_key] (metrics.annotation_metrics); the
     numeric metrics also go to uns['scbert_predict']['metrics']."""
     if label_key not in adata.obs:
         columns = ", ".join(map(str, list(adata.obs.columns)[:10])) or "none"
         raise ScbertError(f"--label_key {label_key!r} is not a column of obs (columns: {columns}): pass one of them "
                           "or drop the flag")
-    predicted = adata.obs["scbert_celltype"].astype(str).to_numpy()
+    predicted = adata.obs[keys.label].astype(str).to_numpy()
     metrics, confusion = annotation_metrics(adata.obs[label_key], predicted, classes, novel_type=novel_type)
-    adata.uns[UNS_KEY]["metrics"] = {
+    adata.uns[keys.uns]["metrics"] = {
         k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)
     }
+    return metrics, confusion
+
+
+def add_majority_voting(query: Query, refine: Refinement, embeddings: np.ndarray | None) -> dict[str, Any]:
+    """obs['<prefix>majority_voting'] on every cell of query.user (and obs['<prefix>over_clustering'] for "auto":
+    Leiden on the cell embeddings when computed, else on principal components of the model's input); unscored
+    cells neither vote nor change. Returns what uns['<prefix>predict']['majority_voting'] records."""
+    user, keys = query.user, refine.keys
+    scored = np.zeros(user.n_obs, dtype=bool)
+    scored[query.rows] = True
+    record: dict[str, Any] = {"over_clustering": refine.over_clustering, "min_prop": float(refine.min_prop)}
+    if refine.over_clustering == "auto":
+        rep, pca = (embeddings, False) if embeddings is not None else (query.x, True)
+        graph = voting.neighbour_graph(rep, seed=refine.seed, pca=pca)
+        found = voting.over_cluster(graph, seed=refine.seed)
+        clusters = np.full(user.n_obs, None, dtype=object)
+        clusters[query.rows] = found
+        user.obs[keys.over_clustering] = pd.Categorical(clusters, categories=sorted(set(found), key=_natural))
+        record.update(representation="cell embeddings" if embeddings is not None else "PCA of the model's input",
+                      resolution=voting.auto_resolution(len(query.rows)))
+    elif refine.over_clustering in user.obs:
+        clusters = user.obs[refine.over_clustering].to_numpy(dtype=object)
+    else:
+        columns = ", ".join(map(str, list(user.obs.columns)[:10])) or "none"
+        raise ScbertError(f"--over_clustering {refine.over_clustering!r} is not a column of obs (columns: "
+                          f"{columns}): pass one of them, or auto to over-cluster with Leiden")
+    labels = user.obs[keys.label].astype(str).to_numpy()
+    voted, table = voting.majority_vote(labels, clusters, min_prop=refine.min_prop, voters=scored)
+    voted[~scored] = labels[~scored]
+    categories = list(user.obs[keys.label].cat.categories)
+    if UNASSIGNED not in categories:
+        categories.insert(len(categories) - (categories[-1] == UNSCORED), UNASSIGNED)
+    user.obs[keys.majority] = pd.Categorical(voted, categories=categories)
+    record.update(n_clusters=int(len(table)), clusters_unassigned=int((table["label"] == UNASSIGNED).sum()))
+    user.uns[keys.uns]["majority_voting"] = record
+    return record
+
+
+def _natural(name: str) -> tuple[int, str]:
+    return (int(name), "") if str(name).isdigit() else (1 << 30, str(name))
+
+
+def finish_annotations(query: Query, annotator: Annotator, predictions: Predictions, refine: Refinement,
+                       params: dict[str, Any], novelty: canal.Novelty | None = None):
+    """Labels, scores and refinements of predicted cells, written onto every cell of query.user: the fields of
+    `write_annotations` on the scored cells (`user_data.transfer` for the others), the metrics with a label_key,
+    majority voting, and a colour per label in uns['<key>_colors']. Returns (metrics, confusion) or (None, None)."""
+    keys = refine.keys
+    write_annotations(query.model_input, predictions, annotator.classes, novel_type=refine.novel_type,
+                      unassign_thres=refine.unassign_thres, params={**params, **refine.params()}, novelty=novelty,
+                      keys=keys, mode=refine.mode, p_thres=refine.p_thres)
+    metrics = confusion = None
+    if refine.label_key is not None:
+        metrics, confusion = score_annotations(query.model_input, refine.label_key, annotator.classes,
+                                               novel_type=refine.novel_type, keys=keys)
+    transfer(query, keys.prefix, keys.reason)
+    if refine.majority_voting:
+        add_majority_voting(query, refine, predictions.embeddings)
+    for key in (keys.label, keys.majority):
+        if key in query.user.obs:
+            query.user.uns[f"{key}_colors"] = label_colors(list(query.user.obs[key].cat.categories))
     return metrics, confusion
 
 
@@ -353,13 +576,43 @@ def check_query(adata, annotator: Annotator, *, data_name: str = "the AnnData") 
     if genes is not None:
         check_gene_order(adata.var_names, genes, data_name=data_name,
                          fix=f"run preprocess.py --ref {annotator.ckpt.path} on the raw data so it uses the model's "
-                             "genes in order")
+                             "genes in order, or pass counts with --preprocess True")
         return
     if adata.n_vars != gene_num:
         raise ScbertError(f"{data_name} has {adata.n_vars} genes but the model reads {gene_num}: preprocess the data "
                           "with the gene list the model was trained on")
     print(f"warning: {annotator.ckpt.path!r} stores no gene list, so only the number of genes ({gene_num}) was "
           "checked: make sure the data use the model's reference genes in its order", file=sys.stderr)
+
+
+def model_genes(annotator: Annotator) -> list[str]:
+    """The gene list counts are aligned to: the checkpoint's, or for a reference checkpoint without one the
+    published panglao order (preprocess.py's --ref <checkpoint> rule)."""
+    if annotator.ckpt.genes is not None:
+        return list(annotator.ckpt.genes)
+    from genes import read_reference_genes
+
+    genes = read_reference_genes(annotator.ckpt.path)
+    if len(genes) != annotator.model.vocab.gene_num:
+        raise ScbertError(f"{annotator.ckpt.path!r} stores no gene list and reads {annotator.model.vocab.gene_num} "
+                          "genes: preprocess the counts with preprocess.py --ref <its gene list> instead")
+    return genes
+
+
+def make_query(adata, annotator: Annotator, *, preprocess: bool = False, min_genes: int = 200,
+               counts_from: str = "auto", data_name: str = "the AnnData") -> Query:
+    """The query for `adata`: preprocessed here from counts (preprocess=True: user_data.prepare_query), or checked
+    as the model's input (log2(1 + CP10K) over its genes in order; the transformer's bins are not checked)."""
+    if preprocess:
+        if annotator.ckpt.model_type == "transformer":
+            raise ScbertError("--preprocess True runs the scBERT recipe; the transformer reads bins: run preprocess.py "
+                              f"--recipe scgpt --ref {annotator.ckpt.path} on the counts and pass its output")
+        return prepare_query(adata, model_genes(annotator), min_genes=min_genes, counts_from=counts_from,
+                             reference_name=f"the genes of {annotator.ckpt.path}")
+    check_query(adata, annotator, data_name=data_name)
+    # The transformer reads bins (whole numbers), which the log2(1 + CP10K) check would call counts.
+    x = adata.X if annotator.ckpt.model_type == "transformer" else check_expression(adata.X, name=data_name)
+    return preprocessed_query(adata, x)
 
 
 def annotate(
@@ -380,36 +633,39 @@ def annotate(
     copy: bool = False,
     ctx: DistContext | None = None,
     progress: bool = False,
+    preprocess: bool = False,
+    min_genes: int = 200,
+    counts_from: str = "auto",
+    **refine: Any,
 ):
     """Label the cells of `adata` with the fine-tuned model at `model_path` (or an `Annotator`); returns the AnnData
     with the fields of the module docstring written (`adata` itself, or a copy with copy=True).
 
     label_key: an obs column of known types; adds uns['scbert_predict']['metrics'] (see `score_annotations`).
+    preprocess=True: `adata` holds counts (user_data.py): preprocessed onto the model's genes here, every cell kept
+    (cells under min_genes expressed model genes `Unscored`). refine: the other fields of `Refinement` (mode,
+    p_thres, majority_voting, over_clustering, min_prop, prefix).
     Raises ScbertError for a threshold outside [0, 1], other genes than the model's, or values that are not
-    log2(1 + CP10K) (raw counts, negative or NaN values).
+    log2(1 + CP10K) (raw counts, negative or NaN values) without preprocess=True.
     """
-    if not 0.0 <= unassign_thres <= 1.0:
-        raise ScbertError(f"--unassign_thres must be a probability in [0, 1], got {unassign_thres}")
+    settings = Refinement(novel_type=novel_type, unassign_thres=unassign_thres, seed=seed, label_key=label_key,
+                          **refine)
+    settings.check()
     check_novel_method(novel_method)
     use_canal = novel_type and novel_method == "canal"
     annotator = (model_path if isinstance(model_path, Annotator)
                  else load_annotator(model_path, label_dict=label_dict, novel_type=novel_type))
     adata = adata.copy() if copy else adata
-    check_query(adata, annotator)
-    # The transformer reads bins (whole numbers), which the log2(1 + CP10K) check would call counts.
-    X = adata.X if annotator.ckpt.model_type == "transformer" else check_expression(adata.X, name="the AnnData's X")
-    predictions = predict_cells(annotator.model, X, batch_size=batch_size, device=device, amp=amp,
+    query = make_query(adata, annotator, preprocess=preprocess, min_genes=min_genes, counts_from=counts_from)
+    predictions = predict_cells(annotator.model, query.x, batch_size=batch_size, device=device, amp=amp,
                                 embeddings=embeddings, ctx=ctx, progress=progress, first_hidden=use_canal)
     novelty = (canal_novel_cells(annotator.model, predictions, temperature=novel_temperature, seed=seed)
                if use_canal else None)
-    write_annotations(adata, predictions, annotator.classes, novel_type=novel_type, unassign_thres=unassign_thres,
-                      novelty=novelty,
-                      params=annotation_params(annotator, novel_type=novel_type, unassign_thres=unassign_thres,
-                                               novel_method=novel_method if novel_type else None,
-                                               batch_size=batch_size, amp=amp, device=device, embeddings=embeddings,
-                                               label_dict=label_dict, label_key=label_key))
-    if label_key is not None:
-        score_annotations(adata, label_key, annotator.classes, novel_type=novel_type)
+    params = annotation_params(annotator, novel_type=novel_type, unassign_thres=unassign_thres,
+                               novel_method=novel_method if novel_type else None, batch_size=batch_size, amp=amp,
+                               device=device, embeddings=embeddings, label_dict=label_dict, label_key=label_key,
+                               preprocess=bool(preprocess), min_genes=int(min_genes) if preprocess else None)
+    finish_annotations(query, annotator, predictions, settings, params, novelty=novelty)
     return adata
 
 
@@ -494,7 +750,9 @@ class AttentionSink:
         dist.all_reduce(counts)
         self.means.sums, self.means.counts = sums.cpu().numpy(), counts.cpu().numpy()
 
-    def finish(self, gene_names: Sequence[str], csv_path: str, cells_path: str | None) -> None:
+    def finish(self, gene_names: Sequence[str], csv_path: str | None, cells_path: str | None) -> pd.DataFrame | None:
+        """Rank 0: the means table (genes x types called, then all_cells), written to csv_path unless None, and
+        returned; other ranks return None."""
         self._reduce()
         if self.cells is not None:
             self.cells.flush()
@@ -502,10 +760,12 @@ class AttentionSink:
         if self.ctx is not None:
             barrier(self.ctx)
         if self.ctx is not None and not self.ctx.is_main:
-            return
+            return None
         table = pd.DataFrame(self.means.means().T, index=pd.Index(list(gene_names), name="gene"),
                              columns=self.means.groups)
         table = table.loc[:, self.means.counts > 0]  # only types some cell was called
-        atomic_write_bytes(csv_path, table.to_csv(float_format="%.6g").encode("utf-8"))
+        if csv_path is not None:
+            atomic_write_bytes(csv_path, table.to_csv(float_format="%.6g").encode("utf-8"))
         if cells_path is not None:
             os.replace(self.cells_tmp, cells_path)
+        return table

@@ -30,6 +30,7 @@ from distributed import DistContext, print0
 from head_health import HeadGuard
 from label_io import write_label_files
 from metrics import classification_metrics, plot_confusion, write_confusion_csv
+from model_card import CARD_KEY, build_card
 from models import parse_block_spec
 from performer_pytorch import BlockLinear
 from performer_pytorch.checkpoint import read_checkpoint_file
@@ -351,11 +352,17 @@ def summarise_folds(fold_metrics: list[dict[str, Any]]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def save_best(args: argparse.Namespace, ctx: DistContext, *, model, genes, classes, labels, metrics) -> None:
-    """`<model_name>_best.pth` (config, genes, classes, metrics) plus the label files and metrics JSON beside it."""
+def save_best(args: argparse.Namespace, ctx: DistContext, *, model, genes, classes, labels, metrics,
+              split: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+    """`<model_name>_best.pth` (config, genes, classes, metrics and, given the (train, valid) split, its model card:
+    model_card.py) plus the label files and metrics JSON beside it."""
     best_path = named_checkpoint_path(args.ckpt_dir, args.model_name, "best")
+    card = {}
+    if split is not None and ctx.is_main:  # only rank 0 writes
+        card[CARD_KEY] = build_card(args=args, model=model, genes=genes, classes=classes, labels=labels,
+                                    train_idx=split[0], valid_idx=split[1], metrics=metrics)
     save_training_checkpoint(best_path, model=model, ctx=ctx, genes=genes, epoch=metrics["epoch"], classes=classes,
-                             args=args, metrics=metrics)
+                             args=args, metrics=metrics, **card)
     if ctx.is_main:
         write_label_files(args.ckpt_dir, classes, labels, prefix=f"{args.model_name}_")
         write_json(os.path.join(args.ckpt_dir, f"{args.model_name}_metrics.json"), metrics)
@@ -414,7 +421,7 @@ def train_classifier(
                     classes=classes, state=state, sampler=sampler, make_scheduler=make_scheduler)
     guard.attach(run.model, run.optimizer, run.train_loader.dataset, fresh=run.resumed_from is None,
                  log=lambda line: print0(line, ctx=ctx))
-    keep = dict(ctx=ctx, genes=genes, classes=classes, labels=labels)
+    keep = dict(ctx=ctx, genes=genes, classes=classes, labels=labels, split=(train_idx, valid_idx))
     best = stopper.best_metrics
     if best is not None and best["epoch"] == run.start_epoch - 1 and not _best_is_at(best_path, best["epoch"]):
         # Killed between the epoch checkpoint and the best one: the weights just restored are the best ones.

@@ -44,6 +44,7 @@ from classification import grow_head, last_linear, make_splits, set_trainable, t
 from data import CellDataset, build_loader, check_gene_num
 from distributed import DistContext, cleanup_distributed, print0, setup_distributed, unwrap_model
 from metrics import UNASSIGNED
+from model_card import CARD_KEY
 from models import ScbertPerformer, load_model
 from optim import Amp
 from performer_pytorch import load_checkpoint
@@ -300,7 +301,8 @@ def train_stage(args, ctx: DistContext, *, method: str, stage_no: int, data: Lab
         train_idx=split.train_idx, valid_idx=split.valid_idx, make_model=make_model, loss_fn=step,
         clip_norm=finetune.GRAD_CLIP, settings={"stage": stage_no, "method": method, "classes": list(classes)})
     best_path = named_checkpoint_path(args.ckpt_dir, name, "best")
-    model = load_model(load_checkpoint(best_path), head="checkpoint").to(ctx.device)
+    best_ckpt = load_checkpoint(best_path)
+    model = load_model(best_ckpt, head="checkpoint").to(ctx.device)
 
     amp = Amp(args.amp, ctx.device)
     core = model
@@ -314,8 +316,10 @@ def train_stage(args, ctx: DistContext, *, method: str, stage_no: int, data: Lab
         counts = np.bincount(state.bank_labels, minlength=len(classes))
         shares = ", ".join(f"{c} {n}" for c, n in zip(classes, counts, strict=True))
         print0(f"example bank: {len(keep)} cells ({shares})", ctx=ctx)
+    card = best_ckpt.payload.get(CARD_KEY)  # train_classifier's model card, kept in the re-save
     save_training_checkpoint(best_path, model=core, ctx=ctx, genes=genes, epoch=best_metrics["epoch"],
-                             classes=classes, args=run_args, metrics=best_metrics, **{STATE_KEY: state.payload()})
+                             classes=classes, args=run_args, metrics=best_metrics, **{STATE_KEY: state.payload()},
+                             **({CARD_KEY: card} if card is not None else {}))
     print0(f"stage {stage_no} done: {os.path.abspath(best_path)}", ctx=ctx)
     return state
 

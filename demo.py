@@ -10,7 +10,8 @@ Stages, each one of the project's real scripts run with real flags (the commands
   2. gene2vec.py     gene embeddings from co-expression in the training cells
   3. pretrain.py     masked expression-bin pretraining of a small Performer on the training cells
   4. finetune.py     cell-type fine-tuning on the training cells (known types only)
-  5. predict.py      annotation of held-out cells with novel-type detection, evaluated against their labels
+  5. predict.py      annotation of held-out cells with novel-type detection, evaluated against their labels, with
+                     majority voting over Leiden over-clusters, a UMAP, a dot plot and a confidence histogram
   6. the second family (--transformer True): preprocess.py --recipe scgpt, pretrain.py --model_type transformer,
      finetune.py and predict.py on the same training and query cells
   and, in-process, the baseline: L1 logistic regression on the same log-normalised expression and the same split.
@@ -154,8 +155,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     with open(os.path.join(out, "demo_results.json"), "w") as fh:
         json.dump(results, fh, indent=2)
     print_table(results)
-    print(f"\nOutputs: {out} (checkpoints in ckpts/, predictions {os.path.basename(pred_path)} and .csv, "
-          "confusion-matrix PNG, logs/)")
+    stem = os.path.basename(pred_path)[: -len(".h5ad")]
+    print(f"\nOutputs: {out} (checkpoints in ckpts/, predictions {stem}.h5ad and .csv, {stem}_summary.csv, "
+          f"pictures {stem}_umap.png, {stem}_dotplot.png and {stem}_confidence.png, confusion-matrix PNG, logs/)")
     return results
 
 
@@ -231,6 +233,7 @@ def run_pipeline(args, out: str, logs: str, timings: dict[str, float], *, train_
     run_stage("predict", [py, "predict.py", "--data_path", query_path, "--model_path",
                           os.path.join(ckpts, "demo_finetune_best.pth"), "--novel_type", "True",
                           "--unassign_thres", str(args.unassign_thres), "--label_key", label_key,
+                          "--majority_voting", "True", "--plots", "True", "--summary", "True",
                           "--out_path", pred_path, "--overwrite", "True"], timings, logs)
     return pred_path
 

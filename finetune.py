@@ -112,6 +112,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     group.add_argument("--keep_epoch_ckpts", type=str2bool, default=False,
                        help="keep every <model_name>_<epoch>.pth; by default only the latest, which resuming needs, "
                             "is kept (each holds the whole model and optimiser)")
+    group.add_argument("--description", type=str, default=None,
+                       help="one sentence for the model card stored in the best checkpoint (predict.py --show_model "
+                            "prints it); default: the data file, label key and number of classes")
     parser.set_defaults(model_name="finetune")
     return parser
 

@@ -1,57 +1,55 @@
 """Annotate cells with a fine-tuned scBERT model, call novel types `Unassigned`, and write results people keep.
 
     python predict.py --data_path query.h5ad --model_path finetuned_best.pth --novel_type True --unassign_thres 0.5
+    python predict.py --data_path counts.h5ad --model_path finetuned_best.pth --preprocess True --plots True \
+        --majority_voting True --summary True
+    python predict.py --show_model finetuned_best.pth
 
-The query is preprocess.py's output for the model's gene list (`preprocess.py --ref <checkpoint>`). This script is
-the command line of `annotate.py` (the same labelling from a notebook: `annotate(adata, model_path, ...)`): cells are
-labelled with the argmax class; with `--novel_type True` a cell whose top probability is below `--unassign_thres` is
-`Unassigned` (SPEC section 5). Under `torchrun --nproc_per_node N predict.py ...` each rank predicts a shard of the
-cells and rank 0 writes the files.
+The query is preprocess.py's output for the model's gene list (`preprocess.py --ref <checkpoint>`), or with
+`--preprocess True` the user's own counts (.h5ad, 10x folder or .h5, csv/tsv), preprocessed on the fly onto the
+checkpoint's genes with every cell kept (user_data.py). This script is the command line of `annotate.py` (the same
+labelling from a notebook: `annotate(adata, model_path, ...)`): cells are labelled with the argmax class; with
+`--novel_type True` a cell whose top probability is below `--unassign_thres` is `Unassigned` (SPEC section 5);
+`--mode prob_match` and `--majority_voting True` refine labels as CellTypist does (voting.py). Under `torchrun
+--nproc_per_node N predict.py ...` each rank predicts a shard of the cells and rank 0 writes the files.
 
-Files written (never over the input; an existing output only with `--overwrite True`):
-- `<out>.h5ad` (default `<data stem>_scbert.h5ad` beside the input): the input plus the fields annotate.py lists
-  (obs['scbert_celltype'], obs['scbert_confidence'], obsm['scbert_probabilities'], obsm['X_scbert'], uns).
-- `<out>.csv`: cell_id, scbert_celltype, scbert_confidence, then prob_<class> for every class.
-- with --label_key: `<out stem>_metrics.json` (accuracy, macro-F1, novel-type recall, per-class report) and
-  `<out stem>_confusion.csv` (true labels x predicted labels, Unassigned included).
-- with --attention type|cell: `<out stem>_attention.csv` (genes x predicted types: mean attention each gene receives
-  in the chosen layer, plus all_cells), and with `cell` also `<out stem>_attention_cells.npy` (float32 cells x genes,
-  rows in obs order, columns in var order). See performer_pytorch/interpret.py.
+Files written (never over the input; an existing output only with `--overwrite True`), listed in
+annotation_files.py: `<out>.h5ad` (default `<data stem>_scbert.h5ad` beside the input: the user's AnnData, every
+cell, plus the fields annotate.py lists), `<out>.csv` (cell_id, scbert_celltype, scbert_confidence, then
+prob_<class> for every class), with --label_key the metrics JSON and confusion CSV, with --attention the attention
+tables (performer_pytorch/interpret.py), with --summary True `<out stem>_summary.csv`, with --plots True three PNGs
+(plots.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import pandas as pd
 import torch
 
 import canal
 from annotate import (
     EMBEDDING_HELP,
+    MODES,
     NOVEL_METHODS,
     Annotator,
-    AttentionSink,
     Predictions,
+    Refinement,
     annotation_params,
     canal_novel_cells,
-    check_model_flags,
     check_novel_method,
-    check_query,
-    load_annotator,
-    predict_cells,
-    score_annotations,
-    write_annotations,
+    finish_annotations,
+    predict_query,
 )
-from distributed import DistContext, cleanup_distributed, print0, setup_distributed
-from metrics import format_metrics
-from utils import ScbertError, atomic_write_bytes, atomic_write_h5ad, read_preprocessed, run_cli, str2bool
+from annotation_files import output_paths, quiet_printer, read_query, write_all
+from distributed import cleanup_distributed, setup_distributed
+from model_card import show_model
+from utils import ScbertError, run_cli, str2bool
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -118,12 +116,59 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--heads", type=int, default=None,
                         help="attention heads (published: 10); default: from the checkpoint (stored, or inferred from "
                         "the weights), which it must match")
+    add_annotation_flags(parser)
     return parser
+
+
+def add_annotation_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags CellTypist and scanpy users expect: own-file input, label refinement, plots, quiet output."""
+    group = parser.add_argument_group("your own file, label refinement, pictures")
+    group.add_argument("--preprocess", type=str2bool, default=False,
+                       help="True: --data_path holds counts (.h5ad with counts in X, a 'counts' layer or .raw; a 10x "
+                       "folder or .h5; csv/tsv), preprocessed here onto the checkpoint's genes as preprocess.py does; "
+                       "the output is your AnnData with every cell (default: %(default)s: a preprocess.py output)")
+    group.add_argument("--min_genes", type=int, default=200,
+                       help="with --preprocess True: cells with fewer expressed model genes are not scored, labelled "
+                       "Unscored with a reason column (published preprocessing: 200)")
+    group.add_argument("--counts_from", default="auto",
+                       help="with --preprocess True: auto (layer 'counts', else X, else .raw), X, raw or layer:NAME")
+    group.add_argument("--transpose", type=str2bool, default=False,
+                       help="with --preprocess True, tables only: True when genes are rows")
+    group.add_argument("--prefix", default="scbert_",
+                       help="start of every obs/obsm/uns key written, e.g. obs['<prefix>celltype'] (default: "
+                       "%(default)s)")
+    group.add_argument("--mode", choices=list(MODES), default="best_match",
+                       help="best_match: the top class (Unassigned below --unassign_thres with --novel_type True); "
+                       "prob_match: every class with probability >= --p_thres, joined 'A|B', Unassigned if none")
+    group.add_argument("--p_thres", type=float, default=0.5,
+                       help="--mode prob_match threshold; the probabilities sum to 1, so two classes can both pass "
+                       "only at 0.5 or below (default: %(default)s)")
+    group.add_argument("--majority_voting", type=str2bool, default=False,
+                       help="True: each over-cluster takes the majority label of its cells, in "
+                       "obs['<prefix>majority_voting'] (default: %(default)s)")
+    group.add_argument("--over_clustering", default="auto",
+                       help="obs column of over-clusters for --majority_voting, or auto: Leiden on a neighbour graph "
+                       "(of the embeddings with --embeddings True, else of the expression's PCA), resolution by "
+                       "number of cells (voting.py)")
+    group.add_argument("--min_prop", type=float, default=0.0,
+                       help="a cluster whose majority label holds less than this share of its cells is Unassigned "
+                       "(default: %(default)s)")
+    group.add_argument("--plots", type=str2bool, default=False,
+                       help="True: UMAP (label, confidence, majority vote), dot plot of top genes per type and a "
+                       "confidence histogram, PNGs beside the output; without obsm['X_umap'] the UMAP is computed "
+                       "from cell embeddings, so they are computed too (default: %(default)s)")
+    group.add_argument("--summary", type=str2bool, default=False,
+                       help="True: also write <out stem>_summary.csv, cells and share per predicted type")
+    group.add_argument("--quiet", type=str2bool, default=False,
+                       help="True: print only warnings and errors, no progress bar (default: %(default)s)")
+    group.add_argument("--show_model", metavar="PATH", default=None,
+                       help="print the model card of a checkpoint (or what an older checkpoint holds) and exit")
 
 
 @dataclass
 class PredictResult:
-    """What main() produced: the output AnnData, the written paths by kind, the metrics (with --label_key)."""
+    """What main() produced: the output AnnData (every cell of the user's), the written paths by kind, the
+    predictions of the scored cells, the metrics (with --label_key)."""
 
     adata: Any
     paths: dict[str, str]
@@ -132,149 +177,69 @@ class PredictResult:
     params: dict[str, Any] = field(default_factory=dict)
 
 
-def output_paths(args: argparse.Namespace) -> dict[str, str]:
-    """Every file this run will write, by kind; refuses the input as output and existing files without --overwrite."""
-    data = os.path.abspath(args.data_path)
-    stem_in = os.path.splitext(data)[0]
-    out = os.path.abspath(args.out_path) if args.out_path else f"{stem_in}_scbert.h5ad"
-    if not out.endswith(".h5ad"):
-        raise ScbertError(f"--out_path {args.out_path!r} must end in .h5ad (the CSV is written beside it)")
-    if out == data or (os.path.exists(out) and os.path.exists(data) and os.path.samefile(out, data)):
-        raise ScbertError(f"--out_path {args.out_path!r} is the input file: choose another path, the input is kept")
-    stem = out[: -len(".h5ad")]
-    paths = {"h5ad": out, "csv": f"{stem}.csv"}
-    if args.label_key:
-        paths["metrics"] = f"{stem}_metrics.json"
-        paths["confusion"] = f"{stem}_confusion.csv"
-    if args.attention in ("type", "cell"):
-        paths["attention"] = f"{stem}_attention.csv"
-    if args.attention == "cell":
-        paths["attention_cells"] = f"{stem}_attention_cells.npy"
-    existing = [p for p in paths.values() if os.path.exists(p)]
-    if existing and not args.overwrite:
-        raise ScbertError(
-            f"{existing[0]!r} already exists: pass --overwrite True to replace it, or choose another --out_path"
-        )
-    return paths
+def _params(args: argparse.Namespace, annotator: Annotator, device) -> dict[str, Any]:
+    return annotation_params(
+        annotator, data_path=os.path.abspath(args.data_path), novel_type=bool(args.novel_type),
+        unassign_thres=float(args.unassign_thres), seed=int(args.seed), batch_size=int(args.batch_size),
+        novel_method=args.novel_method if args.novel_type else None, amp=args.amp, device=device,
+        label_dict=args.label_dict, label_key=args.label_key, embeddings=args.embeddings, attention=args.attention,
+        attention_layer=int(args.attention_layer) if args.attention != "none" else None,
+        preprocess=bool(args.preprocess), min_genes=int(args.min_genes) if args.preprocess else None)
 
 
-def _write_csv(frame: pd.DataFrame, path: str, **kwargs) -> None:
-    atomic_write_bytes(path, frame.to_csv(**kwargs).encode("utf-8"))
-
-
-def _load(args: argparse.Namespace) -> tuple[Annotator, Any]:
-    """The model and the checked query."""
-    annotator = load_annotator(args.model_path, label_dict=args.label_dict, heads=args.heads,
-                               novel_type=args.novel_type)
-    check_model_flags(annotator, gene_num=args.gene_num, bin_num=args.bin_num, pos_embed=args.pos_embed)
-    depth = len(annotator.model.named_blocks())
-    if args.attention != "none" and not -depth <= args.attention_layer < depth:
-        raise ScbertError(f"--attention_layer {args.attention_layer} does not exist in a model of depth {depth}: pass "
-                          f"a layer from {-depth} to {depth - 1} (-1 is the last, as in the paper)")
-    fix = f"run preprocess.py --ref {args.model_path} on the raw data so it uses the model's genes in order"
-    if annotator.ckpt.model_type == "transformer":  # bins from preprocess.py --recipe scgpt over its vocabulary
-        if args.attention != "none":
-            raise ScbertError("--attention reads the Performer's FAVOR+ factors; the transformer has none: drop it")
-        from scgpt_preprocess import read_binned
-
-        adata = read_binned(args.data_path, genes=annotator.ckpt.genes,
-                            fix_genes=fix.replace("--ref", "--recipe scgpt --ref"))
-    else:
-        adata = read_preprocessed(args.data_path, genes=annotator.ckpt.genes, fix_genes=fix)
-    check_query(adata, annotator, data_name=repr(args.data_path))
-    if args.label_key is not None and args.label_key not in adata.obs:
-        columns = ", ".join(map(str, list(adata.obs.columns)[:10])) or "none"
-        raise ScbertError(f"--label_key {args.label_key!r} is not a column of obs in {args.data_path!r} "
-                          f"(columns: {columns}): pass one of them or drop the flag")
-    return annotator, adata
-
-
-def _predict(args, ctx: DistContext, annotator: Annotator, adata, paths: dict[str, str]):
-    sink = None
-    if args.attention != "none":
-        sink = AttentionSink(annotator.classes, adata.n_obs, adata.n_vars, novel_type=args.novel_type,
-                             unassign_thres=args.unassign_thres, cells_path=paths.get("attention_cells"), ctx=ctx)
-    print0(f"predicting {adata.n_obs} cells x {adata.n_vars} genes with {len(annotator.classes)} classes on "
-           f"{ctx.device} x {ctx.world_size}", ctx=ctx, file=sys.stderr)
-    try:
-        predictions = predict_cells(
-            annotator.model, adata.X, batch_size=args.batch_size, device=ctx.device, amp=args.amp,
-            embeddings=args.embeddings, attention_layer=args.attention_layer if sink else None, on_attention=sink,
-            progress=ctx.is_main, ctx=ctx, first_hidden=_uses_canal(args),
-        )
-    except BaseException:
-        if sink is not None:
-            sink.discard()
-        raise
-    rate = adata.n_obs / max(predictions.seconds, 1e-9)
-    print0(f"predicted {adata.n_obs} cells in {predictions.seconds:.1f} s ({rate:.1f} cells/s)", ctx=ctx,
-           file=sys.stderr)
-    return predictions, sink
-
-
-def _write_outputs(args, adata, annotator: Annotator, predictions: Predictions, paths: dict[str, str]):
-    """Rank 0: the metrics files (with --label_key), the CSV and the .h5ad; returns the metrics or None."""
-    metrics = None
-    if args.label_key is not None:
-        metrics, confusion = score_annotations(adata, args.label_key, annotator.classes, novel_type=args.novel_type)
-        atomic_write_bytes(paths["metrics"], (json.dumps(metrics, indent=2) + "\n").encode("utf-8"))
-        _write_csv(confusion, paths["confusion"])
-        print(format_metrics(metrics), file=sys.stderr)
-        if confusion.shape[1] <= 12:
-            print(confusion.to_string(), file=sys.stderr)
-    labels = adata.obs["scbert_celltype"].astype(str).to_numpy()
-    table = pd.DataFrame({"cell_id": adata.obs_names.astype(str), "scbert_celltype": labels,
-                          "scbert_confidence": adata.obs["scbert_confidence"].to_numpy()})
-    for i, name in enumerate(annotator.classes):
-        table[f"prob_{name}"] = predictions.probs[:, i]
-    _write_csv(table, paths["csv"], index=False, float_format="%.6g")
-    atomic_write_h5ad(adata, paths["h5ad"])
-    counts = pd.Series(labels).value_counts()
-    summary = ", ".join(f"{name} {n}" for name, n in counts.head(8).items())
-    print(f"labels: {summary}{', ...' if len(counts) > 8 else ''}", file=sys.stderr)
-    print("wrote " + ", ".join(paths.values()), file=sys.stderr)
-    return metrics
-
-
-def _uses_canal(args: argparse.Namespace) -> bool:
-    return bool(args.novel_type) and args.novel_method == "canal"
-
-
-def main(argv: Sequence[str] | None = None) -> PredictResult:
-    args = get_args_parser().parse_args(argv)
-    if not 0.0 <= args.unassign_thres <= 1.0:
-        raise ScbertError(f"--unassign_thres must be a probability in [0, 1], got {args.unassign_thres}")
+def _refinement(args: argparse.Namespace) -> Refinement:
+    refine = Refinement(novel_type=bool(args.novel_type), unassign_thres=args.unassign_thres, mode=args.mode,
+                        p_thres=args.p_thres, majority_voting=args.majority_voting,
+                        over_clustering=args.over_clustering, min_prop=args.min_prop, prefix=args.prefix,
+                        seed=args.seed, label_key=args.label_key)
+    refine.check()
     if args.batch_size < 1:
         raise ScbertError(f"--batch_size must be at least 1, got {args.batch_size}")
     check_novel_method(args.novel_method, attention=args.attention if args.novel_type else "none")
-    paths = output_paths(args)
+    return refine
+
+
+def main(argv: Sequence[str] | None = None) -> PredictResult | str:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    card = show_model(argv)
+    if card is not None:
+        return card
+    args = get_args_parser().parse_args(argv)
+    refine = _refinement(args)
+    paths = output_paths(args.data_path, args.out_path, label_key=args.label_key, attention=args.attention,
+                         plots=args.plots, summary=args.summary, overwrite=args.overwrite)
     ctx = setup_distributed(args, device=args.device)
+    say = quiet_printer(args.quiet, ctx.is_main)
     try:
         torch.manual_seed(args.seed)
-        annotator, adata = _load(args)
-        predictions, sink = _predict(args, ctx, annotator, adata, paths)
-        params = annotation_params(
-            annotator, data_path=os.path.abspath(args.data_path), novel_type=bool(args.novel_type),
-            unassign_thres=float(args.unassign_thres), seed=int(args.seed), batch_size=int(args.batch_size),
-            novel_method=args.novel_method if args.novel_type else None,
-            amp=args.amp, device=ctx.device, label_dict=args.label_dict, label_key=args.label_key,
-            embeddings=args.embeddings, attention=args.attention,
-            attention_layer=int(args.attention_layer) if args.attention != "none" else None)
+        annotator, query = read_query(args)
+        embeddings = bool(args.embeddings) or (args.plots and "X_umap" not in query.user.obsm)
+        use_canal = bool(args.novel_type) and args.novel_method == "canal"
+        attention = args.attention
+        if args.plots and attention == "none" and annotator.ckpt.model_type != "transformer" and not use_canal:
+            attention = "type"  # the dot plot's genes: attention per type, reduced in memory, no file
+        predictions, sink = predict_query(
+            annotator, query, ctx=ctx, batch_size=args.batch_size, amp=args.amp, embeddings=embeddings,
+            attention=attention, attention_layer=args.attention_layer, novel_type=args.novel_type,
+            unassign_thres=args.unassign_thres, cells_path=paths.get("attention_cells"), first_hidden=use_canal,
+            say=say)
         novelty = None
-        if _uses_canal(args):
+        if use_canal:
             novelty = canal_novel_cells(annotator.model, predictions, temperature=args.novel_temperature,
                                         seed=args.seed)
-            print0(f"novel cells (CANAL): threshold {novelty.threshold:.4f}, {int(novelty.novel.sum())} of "
-                   f"{adata.n_obs} cells above it", ctx=ctx, file=sys.stderr)
-        write_annotations(adata, predictions, annotator.classes, novel_type=args.novel_type,
-                          unassign_thres=args.unassign_thres, params=params, novelty=novelty)
+            say(f"novel cells (CANAL): threshold {novelty.threshold:.4f}, {int(novelty.novel.sum())} of "
+                f"{query.x.shape[0]} cells above it")
+        metrics, confusion = finish_annotations(query, annotator, predictions, refine,
+                                                _params(args, annotator, ctx.device), novelty=novelty)
+        table = None
         if sink is not None:
-            sink.finish(adata.var_names, paths["attention"], paths.get("attention_cells"))
-        metrics = _write_outputs(args, adata, annotator, predictions, paths) if ctx.is_main else None
+            table = sink.finish(query.model_input.var_names, paths.get("attention"), paths.get("attention_cells"))
+        if ctx.is_main:
+            write_all(args, query, annotator, paths, refine, metrics, confusion, say, attention=table)
     finally:
         cleanup_distributed(ctx)
-    return PredictResult(adata=adata, paths=paths, predictions=predictions, metrics=metrics,
-                         params=adata.uns["scbert_predict"]["params"])
+    return PredictResult(adata=query.user, paths=paths, predictions=predictions, metrics=metrics,
+                         params=query.user.uns[refine.keys.uns]["params"])
 
 
 if __name__ == "__main__":

@@ -78,6 +78,10 @@ def test_three_stage_stream_ends_with_the_union_of_classes_in_arrival_order(stre
     # The first stages' class indices never moved.
     stage1 = torch.load(tmp_path / "stream_stage1_best.pth", weights_only=True)
     assert state["classes"][: len(stage1["classes"])] == stage1["classes"]
+    # Each stage's checkpoint keeps its model card through the re-save with the stream state.
+    card = raw["model_card"]
+    assert [c["name"] for c in card["classes"]] == state["classes"]
+    assert card["validation"]["accuracy"] == pytest.approx(raw["metrics"]["accuracy"])
 
     table = json.loads((tmp_path / "stream_stream.json").read_text())
     assert sorted({(r["stage"], r["test_set"]) for r in table["rows"]}) == [

@@ -33,6 +33,8 @@ def test_demo_pipeline_on_a_subsample(tmp_path, capsys):
     # Outputs a user keeps are where the demo says.
     assert (out / "query_predictions.h5ad").exists() and (out / "query_predictions.csv").exists()
     assert (out / "ckpts" / "demo_finetune_best.pth").exists()
+    for picture in ("umap", "dotplot", "confidence"):  # the pictures the README shows
+        assert (out / f"query_predictions_{picture}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", picture
     assert list((out / "ckpts").glob("*confusion*.png"))
     # Running it again in the same folder works (the training scripts would refuse to start fresh over the first
     # run's checkpoints) and, being deterministic, gives the same figures.
