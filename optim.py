@@ -20,6 +20,8 @@ __all__ = ["Amp", "CosineAnnealingWarmupRestarts", "adam_eps", "build_scheduler"
 
 MIN_LR, WARMUP, FIRST_CYCLE, CYCLE_MULT, GAMMA = 1e-6, 5, 15, 2, 0.9  # SPEC section 6, pretraining and fine-tuning
 MAX_LR = 1e-4  # the published --learning_rate, the schedule's first peak
+SCHEDULE = dict(first_cycle_steps=FIRST_CYCLE, cycle_mult=CYCLE_MULT, max_lr=MAX_LR, min_lr=MIN_LR,
+                warmup_steps=WARMUP, gamma=GAMMA)  # CosineAnnealingWarmupRestarts's defaults
 TRANSFORMER_FP16_EPS = 1e-4  # scGPT's Adam eps under fp16 autocast (1e-8, torch's default, otherwise)
 
 
@@ -42,22 +44,21 @@ def build_scheduler(optimizer: torch.optim.Optimizer, learning_rate: float) -> C
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def cosine_warmup_restarts_lr(
-    step: int,
-    *,
-    first_cycle_steps: int = FIRST_CYCLE,
-    cycle_mult: float = CYCLE_MULT,
-    max_lr: float = MAX_LR,
-    min_lr: float = MIN_LR,
-    warmup_steps: int = WARMUP,
-    gamma: float = GAMMA,
-) -> float:
-    """Learning rate after `step` scheduler steps (step 0 = the first epoch).
+def cosine_warmup_restarts_lr(step: int, **schedule: float) -> float:
+    """Learning rate after `step` scheduler steps (step 0 = the first epoch); `schedule` overrides any of
+    `CosineAnnealingWarmupRestarts`'s parameters (first_cycle_steps, cycle_mult, max_lr, min_lr, warmup_steps,
+    gamma), whose defaults are the published ones.
 
     Each cycle: linear warm-up from min_lr to the cycle's max over `warmup_steps`, then a half cosine down towards
     min_lr over the rest of the cycle. After a cycle, its length becomes (length - warmup) * cycle_mult + warmup and
     the max is multiplied by gamma. With the defaults: cycles of 15, 25, 45, 85 steps.
     """
+    unknown = set(schedule) - set(SCHEDULE)
+    if unknown:
+        raise TypeError(f"unknown schedule parameters {sorted(unknown)}: use {sorted(SCHEDULE)}")
+    p = {**SCHEDULE, **schedule}
+    first_cycle_steps, cycle_mult, max_lr = p["first_cycle_steps"], p["cycle_mult"], p["max_lr"]
+    min_lr, warmup_steps, gamma = p["min_lr"], p["warmup_steps"], p["gamma"]
     cycle, position, length = 0, step, first_cycle_steps
     while position >= length:
         position -= length
