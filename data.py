@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from distributed import DistContext
 from models import BinVocab, Vocab
+from shards import is_shard_folder, open_corpus
 from utils import PREPROCESS_UNS_KEY, ScbertError, check_gene_order, read_preprocessed
 
 __all__ = [
@@ -57,11 +58,14 @@ def load_training_data(
     """Read `--data_path` (a preprocess.py output) and check it against the flags and, if given, a gene list.
 
     genes: the gene list of a checkpoint being resumed or started from; the data's genes must equal it in order.
-    Returns the AnnData with X as CSR float32. Raises ScbertError when the file was not written by preprocess.py,
-    when `--gene_num` differs from its gene count, or when its genes differ from `genes`.
+    A shard folder is opened with memory maps instead (`shards.ShardCorpus`, read like the AnnData: n_obs,
+    var_names, obs, X). Returns the AnnData with X as CSR float32. Raises ScbertError when the file was not written
+    by preprocess.py, when `--gene_num` differs from its gene count, or when its genes differ from `genes`.
     """
     if not args.data_path:
         raise ScbertError("no input given: pass --data_path <preprocessed .h5ad from preprocess.py>")
+    if is_shard_folder(args.data_path):
+        return _load_shards(args, genes, genes_source)
     if getattr(args, "model_type", "performer") == "transformer":
         # The transformer reads bins (preprocess.py --recipe scgpt); its gene count comes from the data.
         from scgpt_preprocess import read_binned
@@ -82,6 +86,21 @@ def load_training_data(
     return adata
 
 
+def _load_shards(args: argparse.Namespace, genes: Sequence[str] | None, genes_source: str | None):
+    """A shard folder (`preprocess.py --out_format shards`) checked like an `.h5ad`: kind, gene order, --gene_num."""
+    transformer = getattr(args, "model_type", "performer") == "transformer"
+    corpus = open_corpus(args.data_path, kind="scgpt" if transformer else "scbert")
+    if genes is not None:
+        fix = (f"preprocess the data with the gene list of {genes_source} (preprocess.py --ref {genes_source} "
+               "--out_format shards)" if genes_source else "preprocess the data with --ref <checkpoint>")
+        check_gene_order(corpus.genes, genes, data_name=repr(args.data_path), fix=fix)
+    if transformer:
+        args.gene_num, args.genes = corpus.n_vars, list(corpus.genes)
+    else:
+        check_gene_num(args.gene_num, corpus.n_vars, args.data_path)
+    return corpus
+
+
 def split_indices(
     n: int, test_size: float, seed: int, stratify: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -95,7 +114,8 @@ def split_indices(
 class CellDataset(Dataset):
     """Cells of a CSR matrix, tokenised one at a time (never densifying the whole matrix).
 
-    matrix: (cells, genes) CSR log2(1 + CP10K) values. indices: which rows to serve (default all).
+    matrix: (cells, genes) CSR log2(1 + CP10K) values, or a `shards.ShardCorpus` (read through its memory maps, one
+    cell at a time). indices: which rows to serve (default all).
     labels: optional integer label per row of `matrix`. vocab: the model family's vocabulary (`model.vocab`), which
     turns a cell's values into its batch entries; default scBERT's bins with `bin_num`.
     Items: the vocab's entries ({"tokens": (genes + 1,) int64} for the Performer), "index": row number in `matrix`,
@@ -104,7 +124,8 @@ class CellDataset(Dataset):
 
     def __init__(self, matrix: sp.spmatrix, *, bin_num: int = 5, indices: Sequence[int] | None = None,
                  labels: Sequence[int] | np.ndarray | None = None, vocab: Vocab | None = None):
-        self.matrix = matrix if sp.isspmatrix_csr(matrix) else sp.csr_matrix(matrix)
+        # A shard corpus (shards.ShardCorpus) is read row by row from its memory maps; anything else becomes CSR.
+        self.matrix = matrix if sp.isspmatrix_csr(matrix) or hasattr(matrix, "row") else sp.csr_matrix(matrix)
         self.vocab = vocab if vocab is not None else BinVocab(bin_num=bin_num, gene_num=self.matrix.shape[1])
         self.indices = np.arange(self.matrix.shape[0]) if indices is None else np.asarray(indices, dtype=np.int64)
         self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
@@ -114,9 +135,13 @@ class CellDataset(Dataset):
 
     def __getitem__(self, item: int) -> dict[str, Any]:
         row = int(self.indices[item])
-        start, end = self.matrix.indptr[row], self.matrix.indptr[row + 1]
         values = np.zeros(self.matrix.shape[1], dtype=np.float32)
-        values[self.matrix.indices[start:end]] = self.matrix.data[start:end]
+        if hasattr(self.matrix, "row"):
+            columns, stored = self.matrix.row(row)
+            values[columns] = stored
+        else:
+            start, end = self.matrix.indptr[row], self.matrix.indptr[row + 1]
+            values[self.matrix.indices[start:end]] = self.matrix.data[start:end]
         out = {**self.vocab.make_cell(values), "index": row}
         if self.labels is not None:
             out["label"] = int(self.labels[row])

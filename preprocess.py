@@ -369,31 +369,9 @@ def select_counts(adata: ad.AnnData, counts_from: str = "auto", allow_normalized
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def gene_column_map(
-    names: Sequence[str],
-    reference: Sequence[str],
-    table: GeneTable,
-    duplicates: str = "first",
-    ids: Sequence[str] | None = None,
-) -> tuple[np.ndarray, dict, dict]:
-    """Where each input gene column goes in the reference, after symbol revision.
-
-    A name's key is its revised symbol. A name that cannot be revised (unknown or ambiguous) is revised by its
-    Ensembl id when `ids` (one per name, e.g. a 10x file's `var["gene_ids"]`) maps it to one current gene (counted
-    as `genes_revised_by_id`); otherwise it keeps its own text as key and is used only if the reference lists
-    exactly that text (`genes_verbatim`). Reference names are revised the same way, so an outdated symbol in the
-    reference (`IGJ`) still receives the data's `JCHAIN`.
-
-    Several columns with one key (a collision): a column whose name already is the current symbol wins over every
-    column revised to it, in any column order (pbmc3k's `HNRNPU` over `HNRNPU-AS1`, an alias of it); among the
-    others, duplicates "first" keeps the first column (as the reference code does), "sum" adds them.
-
-    Returns (col_to_ref: int64 (genes_in,), -1 where dropped; counts dict; examples dict of short strings).
-    """
-    if duplicates not in ("first", "sum"):
-        raise ScbertError(f"--duplicates {duplicates!r} is not one of first, sum")
-    if ids is not None and len(ids) != len(names):
-        raise ScbertError(f"{len(ids)} Ensembl ids for {len(names)} gene names; the id column must have one per gene")
+def _reference_index(reference: Sequence[str], table: GeneTable) -> tuple[dict[str, int], int, int]:
+    """Revised reference name -> its position; also how many reference names were revised, and aliased (two
+    reference names for one gene: the one spelled as the current symbol receives the data)."""
     ref_index: dict[str, int] = {}
     reference_revised = reference_aliased = 0
     for j, name in enumerate(reference):
@@ -402,13 +380,16 @@ def gene_column_map(
         reference_revised += status in (SYNONYM, ENSEMBL, CASE)
         if key in ref_index:
             reference_aliased += 1
-            # Two reference names for one gene: the one spelled as the current symbol receives the data.
             if name == key:
                 ref_index[key] = j
         else:
             ref_index[key] = j
+    return ref_index, reference_revised, reference_aliased
 
-    col_to_ref = np.full(len(names), -1, dtype=np.int64)
+
+def _group_columns(names: Sequence[str], ref_index: dict[str, int], table: GeneTable, ids: Sequence[str] | None):
+    """Each input column's revision: (key -> its columns in input order, status per column, status counts,
+    verbatim count, examples of revised / dropped / revised-by-id names)."""
     status_counts = dict.fromkeys((CURRENT, SYNONYM, ENSEMBL, CASE, AMBIGUOUS, UNKNOWN, BY_ID), 0)
     groups: dict[str, list[int]] = {}  # key -> input columns, in input order
     statuses: list[str] = []
@@ -434,7 +415,12 @@ def gene_column_map(
         elif status not in (CURRENT, BY_ID) and len(revised_examples) < EXAMPLES:
             revised_examples.append(f"{name}->{revised}")
         groups.setdefault(key, []).append(i)
+    return groups, statuses, status_counts, verbatim, (revised_examples, dropped_examples, id_examples)
 
+
+def _resolve_collisions(groups, statuses, names, ref_index, duplicates: str, col_to_ref: np.ndarray):
+    """Fill col_to_ref from the groups: a column already named as the current symbol wins; among the others
+    "first" keeps the first, "sum" all. Returns (duplicated, collisions, current_won, collision examples)."""
     duplicated = collisions = current_won = 0
     collision_examples = []
     for key, columns in groups.items():
@@ -454,6 +440,40 @@ def gene_column_map(
                     f"{key}: kept {' + '.join(str(names[i]) for i in kept)}"
                     + (f" over {', '.join(map(str, lost))}" if lost else " (summed)")
                 )
+    return duplicated, collisions, current_won, collision_examples
+
+
+def gene_column_map(
+    names: Sequence[str],
+    reference: Sequence[str],
+    table: GeneTable,
+    duplicates: str = "first",
+    ids: Sequence[str] | None = None,
+) -> tuple[np.ndarray, dict, dict]:
+    """Where each input gene column goes in the reference, after symbol revision.
+
+    A name's key is its revised symbol. A name that cannot be revised (unknown or ambiguous) is revised by its
+    Ensembl id when `ids` (one per name, e.g. a 10x file's `var["gene_ids"]`) maps it to one current gene (counted
+    as `genes_revised_by_id`); otherwise it keeps its own text as key and is used only if the reference lists
+    exactly that text (`genes_verbatim`). Reference names are revised the same way, so an outdated symbol in the
+    reference (`IGJ`) still receives the data's `JCHAIN`.
+
+    Several columns with one key (a collision): a column whose name already is the current symbol wins over every
+    column revised to it, in any column order (pbmc3k's `HNRNPU` over `HNRNPU-AS1`, an alias of it); among the
+    others, duplicates "first" keeps the first column (as the reference code does), "sum" adds them.
+
+    Returns (col_to_ref: int64 (genes_in,), -1 where dropped; counts dict; examples dict of short strings).
+    """
+    if duplicates not in ("first", "sum"):
+        raise ScbertError(f"--duplicates {duplicates!r} is not one of first, sum")
+    if ids is not None and len(ids) != len(names):
+        raise ScbertError(f"{len(ids)} Ensembl ids for {len(names)} gene names; the id column must have one per gene")
+    ref_index, reference_revised, reference_aliased = _reference_index(reference, table)
+    groups, statuses, status_counts, verbatim, (revised_examples, dropped_examples, id_examples) = _group_columns(
+        names, ref_index, table, ids)
+    col_to_ref = np.full(len(names), -1, dtype=np.int64)
+    duplicated, collisions, current_won, collision_examples = _resolve_collisions(
+        groups, statuses, names, ref_index, duplicates, col_to_ref)
     used = col_to_ref >= 0
     covered = np.unique(col_to_ref[used]).size
     unrevised = status_counts[AMBIGUOUS] + status_counts[UNKNOWN]
@@ -601,6 +621,125 @@ def _plain(value):
     return "" if value is None else value
 
 
+def _check_options(reference_genes, min_genes, normalize, target_sum, log1p, log_base) -> None:
+    if len(set(reference_genes)) != len(reference_genes):
+        raise ScbertError("the reference gene list holds duplicates; a reference gene list must be unique")
+    if not reference_genes:
+        raise ScbertError("the reference gene list is empty; pass the reference's genes")
+    if min_genes < 0:
+        raise ScbertError(f"--min_genes {min_genes} is negative; pass 0 to keep every cell")
+    if normalize and not target_sum > 0:
+        raise ScbertError(f"--target_sum {target_sum} must be positive (or pass --normalize False)")
+    if log1p and not (log_base > 0 and log_base != 1):
+        raise ScbertError(f"--log_base {log_base} must be positive and not 1 (or pass --log1p False)")
+
+
+def _checked_counts(adata: ad.AnnData, counts_from: str, allow_normalized: bool):
+    """(matrix, var, source) of the counts, refused with one sentence when they are missing or not counts."""
+    matrix, var, counts_source = select_counts(adata, counts_from, allow_normalized)
+    if matrix is None:
+        raise ScbertError(f"the input's {counts_source} holds no matrix; pass a file with counts (see --counts_from)")
+    if adata.n_obs == 0 or matrix.shape[1] == 0:
+        raise ScbertError(f"the input has {adata.n_obs} cells and {matrix.shape[1]} genes; pass a non-empty matrix")
+    # "auto" without allow_normalized has already checked the matrix it chose.
+    problem = None if counts_from == "auto" and not allow_normalized else count_problem(matrix, allow_normalized)
+    if problem:
+        raise ScbertError(
+            f"{counts_source} holds {problem}, so it is not raw counts; pass raw counts (--counts_from X, raw or "
+            f"layer:NAME)" + ("" if allow_normalized else ", or --allow_normalized True if normalised on purpose")
+        )
+    return matrix, var, counts_source
+
+
+def _gene_names(var: pd.DataFrame, var_column: str | None) -> list[str]:
+    if var_column is None:
+        return [str(g) for g in var.index]
+    if var_column in var.columns:
+        return [str(g) for g in var[var_column]]
+    raise ScbertError(
+        f"--var_column {var_column!r} is not a column of the input's var (columns: {list(var.columns)}); "
+        f"leave it out to use the var names"
+    )
+
+
+def map_input_genes(var: pd.DataFrame, reference_genes: Sequence[str], table: GeneTable, *,
+                    var_column: str | None = None, id_column: str | None = "auto", duplicates: str = "first"):
+    """Where each input column goes in the reference (`gene_column_map` on the var's names, with the Ensembl id
+    column found by `find_id_column`). Returns (col_to_ref, summary with examples, identifier_type, id column or
+    None); refuses an input none of whose genes is in the reference."""
+    names = _gene_names(var, var_column)
+    identifier_type = detect_identifier_type(names)
+    # Names that are Ensembl ids already are revised by them; otherwise an id column can rescue unknown names.
+    id_col = None if identifier_type == "ensembl" else find_id_column(var, id_column)
+    ids = None if id_col is None else [str(v) for v in var[id_col]]
+    col_to_ref, summary, examples = gene_column_map(names, reference_genes, table, duplicates, ids=ids)
+    if summary["reference_covered"] == 0:
+        hint = ""
+        if identifier_type == "ensembl" and not any(str(n).startswith("ENSG") for n in names[:1000]):
+            hint = " The Ensembl ids are not human (ENSG...); this table is for human data."
+        raise ScbertError(
+            f"none of the {len(names)} input genes matches the {len(reference_genes)} reference genes: input names "
+            f"look like {identifier_type} ids (e.g. {names[:3]}), reference names like {reference_genes[:3]}.{hint} "
+            f"Check the species (human), the identifier type (--var_column for another var column) and --ref"
+        )
+    summary.update(examples)
+    return col_to_ref, summary, identifier_type, id_col
+
+
+def process_block(matrix, col_to_ref: np.ndarray, n_ref: int, *, min_genes: int, target_sum: float | None,
+                  log_base: float | None) -> tuple[sp.csr_matrix, np.ndarray]:
+    """One block of count rows -> (kept cells x reference genes) CSR float32 normalised values, and the keep mask.
+
+    Alignment, the --min_genes filter and normalisation are per cell, so blocks give the rows the whole matrix
+    would (what streaming several inputs relies on)."""
+    x = align_to_reference(matrix, col_to_ref, n_ref)
+    keep = np.diff(x.indptr) >= min_genes
+    if not keep.all():
+        x = x[np.flatnonzero(keep)]
+    normalize_log1p(x, target_sum, log_base)
+    return x, keep
+
+
+def _coverage_notes(summary: dict, n_ref: int) -> list[str]:
+    """Warnings about the gene match (also emitted as PreprocessWarning)."""
+    notes = []
+    if summary["coverage"] < LOW_COVERAGE:
+        notes.append(
+            f"only {summary['reference_covered']} of {n_ref} reference genes "
+            f"({summary['coverage']:.1%}) are in the data; the rest are zero, so predictions are unreliable; "
+            f"check the species, identifier type and --ref"
+        )
+    matched = summary["genes_used"]
+    if matched and summary["genes_case_matched"] * 2 > matched:
+        notes.append(
+            f"{summary['genes_case_matched']} gene names matched only case-insensitively (e.g. Cd3e -> CD3E); "
+            f"if these are mouse genes, human gene symbols do not make them human data"
+        )
+    for note in notes:
+        warnings.warn(note, PreprocessWarning, stacklevel=3)
+    return notes
+
+
+def preprocess_params(*, target_sum, normalize, log_base, log1p, min_genes, reference_name, n_ref, table,
+                      duplicates, counts_source, var_column, id_column, allow_normalized) -> dict:
+    """The parameters recorded in uns["scbert_preprocess"]["params"] (and in a shard manifest)."""
+    params = {
+        "target_sum": float(target_sum),
+        "normalize": bool(normalize),
+        "log_base": float(log_base),
+        "log1p": bool(log1p),
+        "min_genes": int(min_genes),
+        "reference": reference_name or f"{n_ref} genes given in-process",
+        "revision": table.source,
+        "duplicates": duplicates,
+        "counts_from": counts_source,
+        "var_column": var_column or "",
+        "id_column": "none" if id_column is None else str(id_column),
+        "allow_normalized": bool(allow_normalized),
+    }
+    return {k: _plain(v) for k, v in params.items()}
+
+
 def preprocess_adata(
     adata: ad.AnnData,
     reference_genes: Sequence[str] | None = None,
@@ -640,115 +779,34 @@ def preprocess_adata(
         reference_genes = read_reference_genes(None)
         reference_name = reference_name or f"default: {os.path.basename(DEFAULT_REFERENCE)}"
     reference_genes = [str(g) for g in reference_genes]
-    if len(set(reference_genes)) != len(reference_genes):
-        raise ScbertError("the reference gene list holds duplicates; a reference gene list must be unique")
-    if not reference_genes:
-        raise ScbertError("the reference gene list is empty; pass the reference's genes")
-    if min_genes < 0:
-        raise ScbertError(f"--min_genes {min_genes} is negative; pass 0 to keep every cell")
-    if normalize and not target_sum > 0:
-        raise ScbertError(f"--target_sum {target_sum} must be positive (or pass --normalize False)")
-    if log1p and not (log_base > 0 and log_base != 1):
-        raise ScbertError(f"--log_base {log_base} must be positive and not 1 (or pass --log1p False)")
+    _check_options(reference_genes, min_genes, normalize, target_sum, log1p, log_base)
     table = load_gene_table() if table is None else table
-
-    matrix, var, counts_source = select_counts(adata, counts_from, allow_normalized)
-    if matrix is None:
-        raise ScbertError(f"the input's {counts_source} holds no matrix; pass a file with counts (see --counts_from)")
-    if adata.n_obs == 0 or matrix.shape[1] == 0:
-        raise ScbertError(f"the input has {adata.n_obs} cells and {matrix.shape[1]} genes; pass a non-empty matrix")
-    # "auto" without allow_normalized has already checked the matrix it chose.
-    problem = None if counts_from == "auto" and not allow_normalized else count_problem(matrix, allow_normalized)
-    if problem:
+    matrix, var, counts_source = _checked_counts(adata, counts_from, allow_normalized)
+    col_to_ref, summary, identifier_type, id_col = map_input_genes(
+        var, reference_genes, table, var_column=var_column, id_column=id_column, duplicates=duplicates)
+    x, keep = process_block(matrix, col_to_ref, len(reference_genes), min_genes=min_genes,
+                            target_sum=target_sum if normalize else None, log_base=log_base if log1p else None)
+    if x.shape[0] == 0:
+        most = int(np.diff(align_to_reference(matrix, col_to_ref, len(reference_genes)).indptr).max())
         raise ScbertError(
-            f"{counts_source} holds {problem}, so it is not raw counts; pass raw counts (--counts_from X, raw or "
-            f"layer:NAME)" + ("" if allow_normalized else ", or --allow_normalized True if normalised on purpose")
-        )
-    if var_column is None:
-        names = [str(g) for g in var.index]
-    elif var_column in var.columns:
-        names = [str(g) for g in var[var_column]]
-    else:
-        raise ScbertError(
-            f"--var_column {var_column!r} is not a column of the input's var (columns: {list(var.columns)}); "
-            f"leave it out to use the var names"
-        )
-
-    identifier_type = detect_identifier_type(names)
-    # Names that are Ensembl ids already are revised by them; otherwise an id column can rescue unknown names.
-    id_col = None if identifier_type == "ensembl" else find_id_column(var, id_column)
-    ids = None if id_col is None else [str(v) for v in var[id_col]]
-    col_to_ref, summary, examples = gene_column_map(names, reference_genes, table, duplicates, ids=ids)
-    if summary["reference_covered"] == 0:
-        hint = ""
-        if identifier_type == "ensembl" and not any(str(n).startswith("ENSG") for n in names[:1000]):
-            hint = " The Ensembl ids are not human (ENSG...); this table is for human data."
-        raise ScbertError(
-            f"none of the {len(names)} input genes matches the {len(reference_genes)} reference genes: input names "
-            f"look like {identifier_type} ids (e.g. {names[:3]}), reference names like {reference_genes[:3]}.{hint} "
-            f"Check the species (human), the identifier type (--var_column for another var column) and --ref"
-        )
-
-    x = align_to_reference(matrix, col_to_ref, len(reference_genes))
-    genes_per_cell = np.diff(x.indptr)
-    keep = genes_per_cell >= min_genes
-    if not keep.any():
-        raise ScbertError(
-            f"no cell has at least {min_genes} expressed reference genes (most: {int(genes_per_cell.max())}); "
+            f"no cell has at least {min_genes} expressed reference genes (most: {most}); "
             f"lower --min_genes or check the gene names and --ref"
         )
-    if not keep.all():
-        x = x[np.flatnonzero(keep)]
-    normalize_log1p(x, target_sum if normalize else None, log_base if log1p else None)
-
-    notes = []
-    if summary["coverage"] < LOW_COVERAGE:
-        notes.append(
-            f"only {summary['reference_covered']} of {len(reference_genes)} reference genes "
-            f"({summary['coverage']:.1%}) are in the data; the rest are zero, so predictions are unreliable; "
-            f"check the species, identifier type and --ref"
-        )
-    matched = summary["genes_used"]
-    if matched and summary["genes_case_matched"] * 2 > matched:
-        notes.append(
-            f"{summary['genes_case_matched']} gene names matched only case-insensitively (e.g. Cd3e -> CD3E); "
-            f"if these are mouse genes, human gene symbols do not make them human data"
-        )
-    for note in notes:
-        warnings.warn(note, PreprocessWarning, stacklevel=2)
-
-    summary.update(examples)
-    summary.update(
-        cells_in=int(adata.n_obs),
-        cells_removed=int((~keep).sum()),
-        cells_out=int(keep.sum()),
-        identifier_type=identifier_type,
-        id_column=id_col or "",
-        counts_source=counts_source,
-        warnings=" | ".join(notes),
-    )
-    params = {
-        "target_sum": float(target_sum),
-        "normalize": bool(normalize),
-        "log_base": float(log_base),
-        "log1p": bool(log1p),
-        "min_genes": int(min_genes),
-        "reference": reference_name or f"{len(reference_genes)} genes given in-process",
-        "revision": table.source,
-        "duplicates": duplicates,
-        "counts_from": counts_source,
-        "var_column": var_column or "",
-        "id_column": "none" if id_column is None else str(id_column),
-        "allow_normalized": bool(allow_normalized),
-    }
-    obs = adata.obs.iloc[np.flatnonzero(keep)].copy()
+    notes = _coverage_notes(summary, len(reference_genes))
+    summary.update(cells_in=int(adata.n_obs), cells_removed=int((~keep).sum()), cells_out=int(keep.sum()),
+                   identifier_type=identifier_type, id_column=id_col or "", counts_source=counts_source,
+                   warnings=" | ".join(notes))
+    params = preprocess_params(target_sum=target_sum, normalize=normalize, log_base=log_base, log1p=log1p,
+                               min_genes=min_genes, reference_name=reference_name, n_ref=len(reference_genes),
+                               table=table, duplicates=duplicates, counts_source=counts_source,
+                               var_column=var_column, id_column=id_column, allow_normalized=allow_normalized)
     var_out = pd.DataFrame(
         {"in_input": np.bincount(col_to_ref[col_to_ref >= 0], minlength=len(reference_genes)) > 0},
         index=pd.Index(reference_genes, dtype=object),
     )
-    out = ad.AnnData(X=x, obs=obs, var=var_out)
+    out = ad.AnnData(X=x, obs=adata.obs.iloc[np.flatnonzero(keep)].copy(), var=var_out)
     summary = {k: _plain(v) for k, v in summary.items()}
-    out.uns[PREPROCESS_UNS_KEY] = {"params": {k: _plain(v) for k, v in params.items()}, "summary": dict(summary)}
+    out.uns[PREPROCESS_UNS_KEY] = {"params": params, "summary": dict(summary)}
     return out, summary
 
 
