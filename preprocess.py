@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import sys
 import warnings
@@ -838,23 +839,135 @@ def format_summary(summary: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Several inputs, in row blocks (streaming), into an .h5ad or a shard folder
+# ----------------------------------------------------------------------------------------------------------------
+
+# Rows per block when streaming: ~16k cells x ~2,000 counts is a few hundred MB of temporaries at most.
+BLOCK_CELLS = 16384
+
+
+def input_paths(data_paths: Sequence[str]) -> list[str]:
+    """The inputs named by `--data_path`: each path itself, or for a folder that is not a 10x folder, the inputs
+    inside it (10x folders and count files, sorted by name)."""
+    paths = []
+    for path in data_paths:
+        if os.path.isdir(path) and _find_file(path, ["matrix.mtx"]) is None:
+            inside = sorted(os.path.join(path, name) for name in os.listdir(path) if not name.startswith("."))
+            found = [p for p in inside if (os.path.isdir(p) and _find_file(p, ["matrix.mtx"]) is not None)
+                     or (os.path.isfile(p) and p.lower().endswith((".h5ad", ".h5", ".hdf5", *TABLE_SUFFIXES)))]
+            if not found:
+                raise ScbertError(f"folder {path} holds no 10x folder or count file; pass inputs such as 10x folders, "
+                                  ".h5ad, .h5 or .csv/.tsv files")
+            paths.extend(found)
+        else:
+            input_kind(path)
+            paths.append(path)
+    return paths
+
+
+class H5adSink:
+    """Collects preprocessed blocks into one AnnData (the in-memory output of several inputs)."""
+
+    def __init__(self):
+        self.blocks: list[sp.csr_matrix] = []
+        self.obs: list[pd.DataFrame] = []
+
+    def add(self, block: sp.csr_matrix, obs: pd.DataFrame) -> None:
+        self.blocks.append(block)
+        self.obs.append(obs)
+
+    def adata(self, reference_genes: Sequence[str], in_input: np.ndarray) -> ad.AnnData:
+        x = sp.vstack(self.blocks, format="csr") if len(self.blocks) > 1 else self.blocks[0]
+        var = pd.DataFrame({"in_input": in_input}, index=pd.Index(reference_genes, dtype=object))
+        return ad.AnnData(X=x.astype(np.float32), obs=pd.concat(self.obs), var=var)
+
+
+def _stream_one(adata: ad.AnnData, reference_genes: list[str], table: GeneTable, sink, options: dict,
+                block_cells: int, label: str | None) -> tuple[dict, np.ndarray]:
+    """One input through gene mapping once and alignment/filter/normalisation per row block into `sink`."""
+    matrix, var, counts_source = _checked_counts(adata, options["counts_from"], options["allow_normalized"])
+    col_to_ref, summary, identifier_type, id_col = map_input_genes(
+        var, reference_genes, table, var_column=options["var_column"], id_column=options["id_column"],
+        duplicates=options["duplicates"])
+    matrix = sp.csr_matrix(matrix)
+    kept = 0
+    for start in range(0, adata.n_obs, block_cells):
+        stop = min(start + block_cells, adata.n_obs)
+        x, keep = process_block(matrix[start:stop], col_to_ref, len(reference_genes),
+                                min_genes=options["min_genes"], target_sum=options["target_sum"],
+                                log_base=options["log_base"])
+        obs = adata.obs.iloc[start:stop].iloc[np.flatnonzero(keep)].copy()
+        if label is not None:
+            obs["input"] = label
+        if x.shape[0]:
+            sink.add(x, obs)
+        kept += int(keep.sum())
+    summary.update(cells_in=int(adata.n_obs), cells_removed=int(adata.n_obs - kept), cells_out=kept,
+                   identifier_type=identifier_type, id_column=id_col or "", counts_source=counts_source)
+    summary["warnings"] = " | ".join(_coverage_notes(summary, len(reference_genes)))
+    in_input = np.bincount(col_to_ref[col_to_ref >= 0], minlength=len(reference_genes)) > 0
+    return {k: _plain(v) for k, v in summary.items()}, in_input
+
+
+def stream_preprocess(paths: Sequence[str], reference_genes: Sequence[str], sink, *, table: GeneTable,
+                      transpose: bool = False, block_cells: int = BLOCK_CELLS, **options) -> tuple[dict, np.ndarray]:
+    """Preprocess every input in turn, each in row blocks of `block_cells`, handing kept cells to `sink.add`.
+
+    Memory is one input's counts (one 10x sample, one file) plus one block's temporaries, whatever the number of
+    inputs. With several inputs, obs gets an `input` column (the input's file or folder name). options: those of
+    `preprocess_adata` (counts_from, var_column, id_column, duplicates, min_genes, allow_normalized; target_sum and
+    log_base None to skip a step). Returns (summary: per-input summaries under "inputs" and the cell totals,
+    in_input: whether any input had each reference gene).
+    """
+    reference_genes = [str(g) for g in reference_genes]
+    per_input, in_input = [], np.zeros(len(reference_genes), dtype=bool)
+    for path in paths:
+        print(f"reading {path} ({input_kind(path)})")
+        adata = read_input(path, transpose=transpose)
+        label = os.path.basename(os.path.normpath(path)) if len(paths) > 1 else None
+        summary, found = _stream_one(adata, reference_genes, table, sink, options, block_cells, label)
+        per_input.append({"input": os.path.abspath(path), **summary})
+        in_input |= found
+        del adata
+    if sum(s["cells_out"] for s in per_input) == 0:
+        raise ScbertError(f"no cell has at least {options['min_genes']} expressed reference genes in any input; "
+                          "lower --min_genes or check the gene names and --ref")
+    if len(per_input) == 1:
+        return per_input[0], in_input
+    totals = {k: sum(s[k] for s in per_input) for k in ("cells_in", "cells_removed", "cells_out")}
+    return {**totals, "inputs": json.dumps(per_input)}, in_input
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def default_out_path(data_path: str) -> str:
-    """`<input name without its format suffix>_preprocessed.h5ad`, beside the input (a 10x folder: beside it)."""
+def default_out_path(data_path: str, shards: bool = False) -> str:
+    """`<input name without its format suffix>_preprocessed.h5ad` (with `shards`: `..._shards`, a folder), beside
+    the input (a 10x folder: beside it)."""
     path = os.path.normpath(data_path)
     lower = path.lower()
     for suffix in (".h5ad", ".hdf5", ".h5", ".mtx.gz", ".mtx", *TABLE_SUFFIXES):
         if lower.endswith(suffix):
             path = path[: -len(suffix)]
             break
-    return f"{path}_preprocessed.h5ad"
+    return f"{path}_shards" if shards else f"{path}_preprocessed.h5ad"
 
 
-def check_out_path(data_path: str, out_path: str, overwrite: bool) -> None:
-    """Refuse an output that is the input, not an .h5ad, or (without overwrite) an existing file."""
+def check_out_path(data_path: str, out_path: str, overwrite: bool, shards: bool = False) -> None:
+    """Refuse an output that is the input, not an .h5ad (a shard folder: an .h5ad or an existing file), or
+    (without overwrite) one that exists."""
+    if shards:
+        if out_path.lower().endswith(".h5ad") or os.path.isfile(out_path):
+            raise ScbertError(f"--out_path {out_path} must be a folder name for --out_format shards (not a file or "
+                              ".h5ad)")
+        if os.path.realpath(out_path) == os.path.realpath(data_path):
+            raise ScbertError(f"--out_path {out_path} is the input; choose another output path")
+        if os.path.exists(out_path) and not overwrite:
+            raise ScbertError(f"{out_path} already exists; pass --overwrite True to replace it or choose another "
+                              "--out_path")
+        return
     if not out_path.lower().endswith(".h5ad"):
         raise ScbertError(f"--out_path {out_path} must end in .h5ad")
     if os.path.realpath(out_path) == os.path.realpath(data_path) or (
@@ -881,7 +994,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument(
         "--data_path",
         required=True,
-        help="counts: .h5ad, 10x folder (matrix.mtx), 10x .h5, or .csv/.tsv (cells as rows)",
+        nargs="+",
+        help="counts: .h5ad, 10x folder (matrix.mtx), 10x .h5, or .csv/.tsv (cells as rows); several paths, or a "
+        "folder of such inputs (e.g. one 10x folder per sample), are preprocessed one after another in row blocks "
+        "into one output whose obs column 'input' names each cell's input",
     )
     parser.add_argument(
         "--ref",
@@ -891,7 +1007,16 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "var_names, e.g. panglao_10000.h5ad) or a text file, one symbol per line; default: NCBI human "
         "protein-coding genes (data/)",
     )
-    parser.add_argument("--out_path", default=None, help="output .h5ad (default: <input>_preprocessed.h5ad)")
+    parser.add_argument("--out_path", default=None,
+                        help="output .h5ad, or with --out_format shards a new folder (default: "
+                        "<input>_preprocessed.h5ad or <input>_shards)")
+    parser.add_argument("--out_format", default="h5ad", choices=["h5ad", "shards"],
+                        help="h5ad (in memory, for small data) or shards: a folder of memory-mapped, pre-tokenised "
+                        "shards (shards.py) that pretrain.py and finetune.py read with memory per rank that does "
+                        "not grow with the corpus")
+    parser.add_argument("--cells_per_shard", type=int, default=65536, help="cells per shard of --out_format shards")
+    parser.add_argument("--block_cells", type=int, default=BLOCK_CELLS,
+                        help="cells aligned and normalised at a time when streaming (memory per block)")
     parser.add_argument(
         "--counts_from",
         default="auto",
@@ -950,8 +1075,73 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
+def _report_warnings(caught) -> None:
+    for warning in caught:
+        if issubclass(warning.category, PreprocessWarning):
+            print(f"warning: {warning.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+
+
+def _options(args: argparse.Namespace) -> dict:
+    return dict(counts_from=args.counts_from, var_column=args.var_column, id_column=args.id_column,
+                duplicates=args.duplicates, min_genes=args.min_genes, allow_normalized=args.allow_normalized)
+
+
+def _preprocess_one_file(args, data_path: str, out_path: str, reference, reference_name: str, table) -> dict:
+    """One input, in memory, into one .h5ad (the published path)."""
+    adata = read_input(data_path, transpose=args.transpose)
+    print(f"read {adata.n_obs} cells x {adata.n_vars} genes; revising against {table.source.split(';')[0]}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", PreprocessWarning)
+        out, summary = preprocess_adata(adata, reference, table=table, **_options(args), normalize=args.normalize,
+                                        target_sum=args.target_sum, log1p=args.log1p, log_base=args.log_base,
+                                        reference_name=reference_name)
+    _report_warnings(caught)
+    out.uns[PREPROCESS_UNS_KEY]["params"]["input"] = os.path.abspath(data_path)
+    write_h5ad_atomic(out, out_path)
+    print(format_summary(summary))
+    print(f"wrote {out_path}: {out.n_obs} cells x {out.n_vars} reference genes")
+    return summary
+
+
+def _preprocess_streaming(args, paths: list[str], out_path: str, reference, reference_name: str, table) -> dict:
+    """Several inputs, or a shard folder: every input in row blocks (`stream_preprocess`)."""
+    from shards import ShardWriter
+
+    _check_options(reference, args.min_genes, args.normalize, args.target_sum, args.log1p, args.log_base)
+    params = preprocess_params(target_sum=args.target_sum, normalize=args.normalize, log_base=args.log_base,
+                               log1p=args.log1p, min_genes=args.min_genes, reference_name=reference_name,
+                               n_ref=len(reference), table=table, duplicates=args.duplicates,
+                               counts_source=args.counts_from, var_column=args.var_column, id_column=args.id_column,
+                               allow_normalized=args.allow_normalized)
+    params["input"] = json.dumps([os.path.abspath(p) for p in paths]) if len(paths) > 1 else os.path.abspath(paths[0])
+    shards = args.out_format == "shards"
+    sink = (ShardWriter(out_path, reference, kind="scbert", params=params, cells_per_shard=args.cells_per_shard)
+            if shards else H5adSink())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", PreprocessWarning)
+        summary, in_input = stream_preprocess(
+            paths, reference, sink, table=table, transpose=args.transpose, block_cells=args.block_cells,
+            **_options(args), target_sum=args.target_sum if args.normalize else None,
+            log_base=args.log_base if args.log1p else None)
+    _report_warnings(caught)
+    if shards:
+        manifest = sink.close(summary, overwrite=args.overwrite)
+        what = f"{manifest['n_cells']} cells in {len(manifest['shards'])} shards, {manifest['nnz']} stored values"
+    else:
+        out = sink.adata(reference, in_input)
+        out.uns[PREPROCESS_UNS_KEY] = {"params": params, "summary": summary}
+        write_h5ad_atomic(out, out_path)
+        what = f"{out.n_obs} cells"
+    print(format_summary(summary) if "genes_in" in summary else
+          f"cells: {summary['cells_in']} in, {summary['cells_removed']} removed, {summary['cells_out']} out")
+    print(f"wrote {out_path}: {what} x {len(reference)} reference genes")
+    return summary
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
-    """Preprocess one input file; writes the output .h5ad and prints the summary. Returns the summary."""
+    """Preprocess the inputs; writes the output (.h5ad or shard folder) and prints the summary. Returns it."""
     recipe = argparse.ArgumentParser(add_help=False)
     recipe.add_argument("--recipe", default="scbert")
     if recipe.parse_known_args(argv)[0].recipe == "scgpt":
@@ -959,45 +1149,26 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
         return scgpt_main(argv)
     args = get_args_parser().parse_args(argv)
-    out_path = args.out_path or default_out_path(args.data_path)
-    input_kind(args.data_path)
-    check_out_path(args.data_path, out_path, args.overwrite)
+    check_positive_sizes(args)
+    shards = args.out_format == "shards"
+    paths = input_paths(args.data_path)
+    out_path = args.out_path or default_out_path(args.data_path[0], shards=shards)
+    for path in args.data_path:
+        check_out_path(path, out_path, args.overwrite, shards=shards)
     reference = read_reference_genes(args.ref)
     reference_name = args.ref if args.ref else f"default: {os.path.basename(DEFAULT_REFERENCE)}"
     table = load_gene_table(args.gene_info)
-    print(
-        f"reading {args.data_path} ({input_kind(args.data_path)}); reference: {reference_name} ({len(reference)} genes)"
-    )
-    adata = read_input(args.data_path, transpose=args.transpose)
-    print(f"read {adata.n_obs} cells x {adata.n_vars} genes; revising against {table.source.split(';')[0]}")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", PreprocessWarning)
-        out, summary = preprocess_adata(
-            adata,
-            reference,
-            table=table,
-            counts_from=args.counts_from,
-            var_column=args.var_column,
-            id_column=args.id_column,
-            duplicates=args.duplicates,
-            min_genes=args.min_genes,
-            normalize=args.normalize,
-            target_sum=args.target_sum,
-            log1p=args.log1p,
-            log_base=args.log_base,
-            allow_normalized=args.allow_normalized,
-            reference_name=reference_name,
-        )
-    for warning in caught:
-        if issubclass(warning.category, PreprocessWarning):
-            print(f"warning: {warning.message}", file=sys.stderr)
-        else:
-            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
-    out.uns[PREPROCESS_UNS_KEY]["params"]["input"] = os.path.abspath(args.data_path)
-    write_h5ad_atomic(out, out_path)
-    print(format_summary(summary))
-    print(f"wrote {out_path}: {out.n_obs} cells x {out.n_vars} reference genes")
-    return summary
+    print(f"reading {', '.join(args.data_path)} ({len(paths)} input{'s' if len(paths) > 1 else ''}); reference: "
+          f"{reference_name} ({len(reference)} genes)")
+    if len(paths) == 1 and not shards:
+        return _preprocess_one_file(args, paths[0], out_path, reference, reference_name, table)
+    return _preprocess_streaming(args, paths, out_path, reference, reference_name, table)
+
+
+def check_positive_sizes(args: argparse.Namespace) -> None:
+    for flag in ("cells_per_shard", "block_cells"):
+        if getattr(args, flag, 1) < 1:
+            raise ScbertError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
 
 
 if __name__ == "__main__":
