@@ -131,3 +131,28 @@ def test_scgpt_bins_round_trip_and_feed_the_transformer_vocabulary(genes, tmp_pa
     for i in range(corpus.n_obs):
         a, b = from_shards[i], from_h5ad[i]
         assert torch.equal(a["genes"], b["genes"]) and torch.equal(a["values"], b["values"])
+
+
+@pytest.mark.parametrize("n, world_size", [(1000, 4), (997, 3), (5, 2)])
+def test_the_block_shuffle_sampler_gives_every_cell_once_per_epoch_over_the_ranks(n, world_size):
+    from data import BlockShuffleSampler
+
+    def epoch_order(epoch, start=0):
+        ranks = []
+        for rank in range(world_size):
+            sampler = BlockShuffleSampler(n, rank=rank, world_size=world_size, seed=7, block_size=16, buffer_blocks=3)
+            sampler.set_epoch(epoch)
+            sampler.set_start(start)
+            ranks.append(list(sampler))
+            assert len(sampler) == len(ranks[-1])
+        return ranks
+
+    orders = epoch_order(1)
+    assert len({len(r) for r in orders}) == 1  # the same count on every rank (DDP needs it)
+    seen = np.bincount(np.concatenate(orders), minlength=n)
+    assert seen.min() == 1 and seen.sum() - n == len(orders[0]) * world_size - n < world_size
+    if n % world_size == 0:
+        assert seen.max() == 1  # exactly once
+    # Shuffled, differently each epoch, identically on a rerun; a resumed rank continues where it stopped.
+    assert orders[0] != sorted(orders[0]) and epoch_order(2) != orders and epoch_order(1) == orders
+    assert epoch_order(1, start=2) == [r[2:] for r in orders]
