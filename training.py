@@ -602,6 +602,8 @@ def fit(
             record.update(valid_summary(evaluate(run.model, run.valid_loader, valid_fn, ctx=ctx, amp=run.amp), epoch))
         record["step"] = position.step
         if stopped:
+            if after_save is not None:
+                after_save(record)  # the mid-epoch checkpoint of this step is on disk (see _step_hook)
             logger.log(record)
             records.append(record)
             print0(line(record) + f" | stopped after --max_steps {max_steps} at batch {position.batches}", ctx=ctx)

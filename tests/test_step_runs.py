@@ -166,3 +166,17 @@ def test_rank_zero_decides_resume_and_a_rank_that_cannot_see_the_checkpoint_stop
     outputs = [p.communicate(timeout=120)[0] for p in processes]
     for out in outputs:  # both stop with the same sentence instead of rank 1 starting fresh while rank 0 resumes
         assert "error: rank 1 cannot see 'ckpts/k_3.pth', the checkpoint rank 0 resumes from" in out, out
+
+
+def test_finetuning_reads_shards_and_stops_at_max_steps_with_its_best_model(corpus, tmp_path):
+    import finetune
+
+    # 512 training cells (80%), batch 8, grad_acc 2: 32 optimiser steps per epoch; 10 stop in epoch 1.
+    best = finetune.main([*corpus, *TINY, "--label_key", "celltype", "--ckpt_dir", str(tmp_path), "--max_steps",
+                          "10", "--save_every_steps", "4", "--learning_rate", "1e-3", "--unfreeze_layers", "all"])
+    assert best[0]["epoch"] == 1 and 0.0 <= best[0]["accuracy"] <= 1.0
+    names = sorted(p.name for p in tmp_path.glob("*.pth"))
+    assert names == ["k_best.pth", "k_epoch1_step10.pth"], names
+    payload = torch.load(tmp_path / "k_epoch1_step10.pth", weights_only=True)
+    assert payload["position_state_dict"] == {"epoch": 1, "batches": 20, "step": 10, "mid_epoch": True}
+    assert payload["classes"] == ["type0", "type1", "type2", "type3"]
