@@ -160,7 +160,9 @@ def pretrain_transformer(args: argparse.Namespace, ctx) -> list[dict[str, Any]]:
     if resume_path is None and os.path.exists(best_path):
         raise ScbertError(f"{best_path!r} exists from an earlier run and a fresh run would overwrite it: pass another "
                           "--model_name or --ckpt_dir, or move it away")
-    train_idx, valid_idx = split_indices(adata.n_obs, VALID_SIZE, args.seed)
+    from pretrain import validation_subsample
+
+    train_idx, valid_idx = validation_subsample(*split_indices(adata.n_obs, VALID_SIZE, args.seed), args)
     best = BestValue()
     settings = RunSettings(repr(resume_path), dim=args.dim, depth=args.depth, heads=args.heads,
                            mask_ratio=str(args.mask_ratio), max_seq_len=args.max_seq_len)

@@ -156,3 +156,19 @@ def test_the_block_shuffle_sampler_gives_every_cell_once_per_epoch_over_the_rank
     # Shuffled, differently each epoch, identically on a rerun; a resumed rank continues where it stopped.
     assert orders[0] != sorted(orders[0]) and epoch_order(2) != orders and epoch_order(1) == orders
     assert epoch_order(1, start=2) == [r[2:] for r in orders]
+
+
+def test_the_shard_benchmark_writes_about_three_bytes_per_value_and_reads_it_back(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_shards.py"
+    spec = importlib.util.spec_from_file_location("bench_shards", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    row = bench.write_corpus(str(tmp_path / "c"), 300, 2000, 100)
+    assert 2.9 < row["bytes_per_value"] < 3.6  # uint16 gene + uint8 value + row pointers and obs
+    corpus = ShardCorpus(str(tmp_path / "c"))
+    per_cell = np.diff(corpus.to_csr().indptr)
+    assert corpus.n_obs == 300 and 90 <= per_cell.mean() <= 105
+    assert bench.loader_rate(str(tmp_path / "c"), 5) > 0
