@@ -882,28 +882,79 @@ class H5adSink:
         return ad.AnnData(X=x.astype(np.float32), obs=pd.concat(self.obs), var=var)
 
 
-def _stream_one(adata: ad.AnnData, reference_genes: list[str], table: GeneTable, sink, options: dict,
+class CountSource:
+    """One input's counts for streaming: n_obs, obs, var, where they came from, and `block(start, stop)`, rows
+    [start, stop) as CSR. `checked`: the whole matrix was already checked to hold counts (else each block is)."""
+
+    def __init__(self, n_obs: int, obs: pd.DataFrame, var: pd.DataFrame, source: str, block, checked: bool):
+        self.n_obs, self.obs, self.var, self.source, self.block, self.checked = n_obs, obs, var, source, block, checked
+
+
+def _backed_counts(path: str, options: dict) -> CountSource | None:
+    """X of an .h5ad opened backed (read from disk a block of rows at a time), when X is a CSR matrix of counts
+    the flags point to; None to read the file into memory instead (another matrix holds the counts, or X is CSC)."""
+    try:
+        adata = ad.read_h5ad(path, backed="r")
+    except Exception:  # the in-memory reader reports what is wrong with the file
+        return None
+    x = adata.X
+    auto = options["counts_from"] == "auto"
+    if x is None or getattr(x, "format", "csr") != "csr" or (auto and "counts" in adata.layers):
+        return None
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        return None
+
+    def block(start: int, stop: int) -> sp.csr_matrix:
+        return sp.csr_matrix(x[start:stop], dtype=np.float32)
+
+    problem = count_problem(block(0, min(adata.n_obs, 1024)), options["allow_normalized"])
+    if problem and auto:
+        return None  # .raw may hold the counts: the in-memory path looks there
+    if problem:
+        raise ScbertError(f"X holds {problem}, so it is not raw counts; pass raw counts (--counts_from X, raw or "
+                          "layer:NAME)" + ("" if options["allow_normalized"] else
+                                           ", or --allow_normalized True if normalised on purpose"))
+    return CountSource(adata.n_obs, adata.obs, adata.var, "X", block, checked=False)
+
+
+def open_counts(path: str, options: dict, transpose: bool = False) -> CountSource:
+    """The counts of one input: a CSR `.h5ad` backed (memory bounded by the block), anything else in memory."""
+    if input_kind(path) == "h5ad" and options["counts_from"] in ("auto", "X"):
+        backed = _backed_counts(path, options)
+        if backed is not None:
+            print(f"reading {path} (h5ad, backed: rows read from disk a block at a time)")
+            return backed
+    print(f"reading {path} ({input_kind(path)})")
+    adata = read_input(path, transpose=transpose)
+    matrix, var, source = _checked_counts(adata, options["counts_from"], options["allow_normalized"])
+    matrix = sp.csr_matrix(matrix)
+    return CountSource(adata.n_obs, adata.obs, var, source, lambda a, b: matrix[a:b], checked=True)
+
+
+def _stream_one(counts: CountSource, reference_genes: list[str], table: GeneTable, sink, options: dict,
                 block_cells: int, label: str | None) -> tuple[dict, np.ndarray]:
     """One input through gene mapping once and alignment/filter/normalisation per row block into `sink`."""
-    matrix, var, counts_source = _checked_counts(adata, options["counts_from"], options["allow_normalized"])
     col_to_ref, summary, identifier_type, id_col = map_input_genes(
-        var, reference_genes, table, var_column=options["var_column"], id_column=options["id_column"],
+        counts.var, reference_genes, table, var_column=options["var_column"], id_column=options["id_column"],
         duplicates=options["duplicates"])
-    matrix = sp.csr_matrix(matrix)
     kept = 0
-    for start in range(0, adata.n_obs, block_cells):
-        stop = min(start + block_cells, adata.n_obs)
-        x, keep = process_block(matrix[start:stop], col_to_ref, len(reference_genes),
-                                min_genes=options["min_genes"], target_sum=options["target_sum"],
-                                log_base=options["log_base"])
-        obs = adata.obs.iloc[start:stop].iloc[np.flatnonzero(keep)].copy()
+    for start in range(0, counts.n_obs, block_cells):
+        stop = min(start + block_cells, counts.n_obs)
+        matrix = counts.block(start, stop)
+        problem = None if counts.checked else count_problem(matrix, options["allow_normalized"])
+        if problem:
+            raise ScbertError(f"{counts.source} holds {problem} in rows {start}..{stop - 1}, so it is not raw counts; "
+                              "pass raw counts")
+        x, keep = process_block(matrix, col_to_ref, len(reference_genes), min_genes=options["min_genes"],
+                                target_sum=options["target_sum"], log_base=options["log_base"])
+        obs = counts.obs.iloc[start:stop].iloc[np.flatnonzero(keep)].copy()
         if label is not None:
             obs["input"] = label
         if x.shape[0]:
             sink.add(x, obs)
         kept += int(keep.sum())
-    summary.update(cells_in=int(adata.n_obs), cells_removed=int(adata.n_obs - kept), cells_out=kept,
-                   identifier_type=identifier_type, id_column=id_col or "", counts_source=counts_source)
+    summary.update(cells_in=int(counts.n_obs), cells_removed=int(counts.n_obs - kept), cells_out=kept,
+                   identifier_type=identifier_type, id_column=id_col or "", counts_source=counts.source)
     summary["warnings"] = " | ".join(_coverage_notes(summary, len(reference_genes)))
     in_input = np.bincount(col_to_ref[col_to_ref >= 0], minlength=len(reference_genes)) > 0
     return {k: _plain(v) for k, v in summary.items()}, in_input
@@ -913,22 +964,22 @@ def stream_preprocess(paths: Sequence[str], reference_genes: Sequence[str], sink
                       transpose: bool = False, block_cells: int = BLOCK_CELLS, **options) -> tuple[dict, np.ndarray]:
     """Preprocess every input in turn, each in row blocks of `block_cells`, handing kept cells to `sink.add`.
 
-    Memory is one input's counts (one 10x sample, one file) plus one block's temporaries, whatever the number of
-    inputs. With several inputs, obs gets an `input` column (the input's file or folder name). options: those of
-    `preprocess_adata` (counts_from, var_column, id_column, duplicates, min_genes, allow_normalized; target_sum and
-    log_base None to skip a step). Returns (summary: per-input summaries under "inputs" and the cell totals,
-    in_input: whether any input had each reference gene).
+    Memory is one block's counts and temporaries for a CSR `.h5ad` (read backed), else one input's counts (one 10x
+    sample, one file) plus one block's temporaries, whatever the number of inputs. With several inputs, obs gets an
+    `input` column (the input's file or folder name). options: those of `preprocess_adata` (counts_from,
+    var_column, id_column, duplicates, min_genes, allow_normalized; target_sum and log_base None to skip a step).
+    Returns (summary: per-input summaries under "inputs" and the cell totals, in_input: whether any input had each
+    reference gene).
     """
     reference_genes = [str(g) for g in reference_genes]
     per_input, in_input = [], np.zeros(len(reference_genes), dtype=bool)
     for path in paths:
-        print(f"reading {path} ({input_kind(path)})")
-        adata = read_input(path, transpose=transpose)
+        counts = open_counts(path, options, transpose)
         label = os.path.basename(os.path.normpath(path)) if len(paths) > 1 else None
-        summary, found = _stream_one(adata, reference_genes, table, sink, options, block_cells, label)
+        summary, found = _stream_one(counts, reference_genes, table, sink, options, block_cells, label)
         per_input.append({"input": os.path.abspath(path), **summary})
         in_input |= found
-        del adata
+        del counts
     if sum(s["cells_out"] for s in per_input) == 0:
         raise ScbertError(f"no cell has at least {options['min_genes']} expressed reference genes in any input; "
                           "lower --min_genes or check the gene names and --ref")

@@ -49,7 +49,7 @@ def _tokens(matrix, vocab, n):
     return torch.stack([CellDataset(matrix, vocab=vocab)[i]["tokens"] for i in range(n)])
 
 
-def test_shards_round_trip_an_h5ad_exactly(genes, tmp_path):
+def test_shards_round_trip_an_h5ad_exactly(genes, tmp_path, capsys):
     counts = _counts(53, genes, 0)
     raw = ad.AnnData(counts, obs=pd.DataFrame({"celltype": [f"t{i % 3}" for i in range(53)]},
                                               index=[f"c{i}" for i in range(53)]),
@@ -61,6 +61,7 @@ def test_shards_round_trip_an_h5ad_exactly(genes, tmp_path):
     preprocess.main([*common, "--out_path", str(tmp_path / "pp.h5ad")])
     preprocess.main([*common, "--out_format", "shards", "--out_path", str(tmp_path / "sh"), "--cells_per_shard", "8",
                      "--block_cells", "5"])
+    assert "backed: rows read from disk a block at a time" in capsys.readouterr().out  # never the whole file
     h5 = ad.read_h5ad(tmp_path / "pp.h5ad")
     corpus = open_corpus(str(tmp_path / "sh"), kind="scbert")
     manifest = json.loads((tmp_path / "sh" / "manifest.json").read_text())
