@@ -1038,6 +1038,17 @@ def write_h5ad_atomic(adata: ad.AnnData, path: str) -> None:
     atomic_write_h5ad(adata, path)
 
 
+def add_output_flags(parser: argparse.ArgumentParser) -> None:
+    """--out_format, --cells_per_shard, --block_cells."""
+    parser.add_argument("--out_format", default="h5ad", choices=["h5ad", "shards"],
+                        help="h5ad (in memory, for small data) or shards: a folder of memory-mapped, pre-tokenised "
+                        "shards (shards.py) that pretrain.py and finetune.py read with memory per rank that does "
+                        "not grow with the corpus")
+    parser.add_argument("--cells_per_shard", type=int, default=65536, help="cells per shard of --out_format shards")
+    parser.add_argument("--block_cells", type=int, default=BLOCK_CELLS,
+                        help="cells aligned and normalised at a time when streaming (memory per block)")
+
+
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         "scBERT preprocessing: raw counts -> log2(1 + CP10K) over the reference genes", add_help=add_help
@@ -1061,13 +1072,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--out_path", default=None,
                         help="output .h5ad, or with --out_format shards a new folder (default: "
                         "<input>_preprocessed.h5ad or <input>_shards)")
-    parser.add_argument("--out_format", default="h5ad", choices=["h5ad", "shards"],
-                        help="h5ad (in memory, for small data) or shards: a folder of memory-mapped, pre-tokenised "
-                        "shards (shards.py) that pretrain.py and finetune.py read with memory per rank that does "
-                        "not grow with the corpus")
-    parser.add_argument("--cells_per_shard", type=int, default=65536, help="cells per shard of --out_format shards")
-    parser.add_argument("--block_cells", type=int, default=BLOCK_CELLS,
-                        help="cells aligned and normalised at a time when streaming (memory per block)")
+    add_output_flags(parser)
     parser.add_argument(
         "--counts_from",
         default="auto",

@@ -161,7 +161,6 @@ def pretrain_transformer(args: argparse.Namespace, ctx) -> list[dict[str, Any]]:
         raise ScbertError(f"{best_path!r} exists from an earlier run and a fresh run would overwrite it: pass another "
                           "--model_name or --ckpt_dir, or move it away")
     from pretrain import validation_subsample
-
     train_idx, valid_idx = validation_subsample(*split_indices(adata.n_obs, VALID_SIZE, args.seed), args)
     best = BestValue()
     settings = RunSettings(repr(resume_path), dim=args.dim, depth=args.depth, heads=args.heads,
