@@ -172,15 +172,18 @@ def loader_rate(folder: str, batches: int) -> float:
 
 
 def model_rate(genes: int) -> float:
-    """Cells/s of one full-size pretraining step (batch 1, fp32), after a warm-up step."""
+    """Cells/s of one full-size pretraining step (batch 1, fp32, the scripts' CPU thread policy), after a warm-up
+    step."""
     import torch
 
     import pretrain
     from models import build_model
+    from performer_pytorch.cpu_threads import configure_threads
 
     torch.manual_seed(0)
     model = build_model("performer", dict(num_tokens=7, max_seq_len=genes + 1, dim=200, depth=6, heads=10,
                                           dim_head=64, g2v_position_emb=False))
+    configure_threads(model, "cpu")  # the scripts' thread policy (training.wrap_model does the same)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     tokens = {"tokens": torch.randint(0, 6, (1, genes + 1))}
     times = []
