@@ -22,7 +22,8 @@ Layout of a shard folder (written by `preprocess.py --out_format shards`, `Shard
 - `ShardWriter(folder, genes, kind=..., params=..., cells_per_shard=...)`: `add(block, obs)` row blocks, `close()`;
   written into a temporary folder renamed into place at the end (a killed write leaves nothing under the name).
 - `ShardCorpus(folder)`: `n_obs`, `n_vars`, `var_names`, `obs`, `shape`, `row(i) -> (indices, values)`,
-  `to_csr(rows)`; behaves like the AnnData the loaders read (`corpus.X` is the corpus itself).
+  `to_csr(rows)`; behaves like the AnnData the loaders read (`corpus.X` is the corpus itself); `to_anndata(rows)` and
+  `blocks(n)` give AnnData row blocks (e.g. for `annotate.annotate`, block by block).
 - `is_shard_folder(path)`, `open_corpus(path, kind=..., genes=...)` (checked, with one-sentence errors).
 """
 
@@ -249,6 +250,21 @@ class ShardCorpus:
         cols = np.concatenate([c for c, _ in entries]) if entries else np.zeros(0, np.int64)
         vals = np.concatenate([v for _, v in entries]) if entries else np.zeros(0, np.float32)
         return sp.csr_matrix((vals, cols, indptr), shape=(len(entries), self.n_vars))
+
+
+    def to_anndata(self, rows: Sequence[int] | range):
+        """An AnnData of the given cells (X: their stored values as CSR float32, obs, var = the genes), e.g. a block
+        of rows to pass to `annotate.annotate`: for scBERT's kind the tokens are those of the original values."""
+        import anndata as ad
+
+        rows = np.asarray(list(rows) if isinstance(rows, range) else rows, dtype=np.int64)
+        return ad.AnnData(X=self.to_csr(rows), obs=self.obs.iloc[rows].copy(),
+                          var=pd.DataFrame(index=self.var_names))
+
+    def blocks(self, block_cells: int = CELLS_PER_SHARD):
+        """(start, AnnData of cells start..start + block_cells - 1) over the corpus: prediction in row blocks."""
+        for start in range(0, self.n_obs, block_cells):
+            yield start, self.to_anndata(range(start, min(start + block_cells, self.n_obs)))
 
 
 def open_corpus(path: str, *, kind: str | None = None) -> ShardCorpus:

@@ -180,3 +180,17 @@ def test_finetuning_reads_shards_and_stops_at_max_steps_with_its_best_model(corp
     payload = torch.load(tmp_path / "k_epoch1_step10.pth", weights_only=True)
     assert payload["position_state_dict"] == {"epoch": 1, "batches": 20, "step": 10, "mid_epoch": True}
     assert payload["classes"] == ["type0", "type1", "type2", "type3"]
+    # Prediction in row blocks of the shards gives what the .h5ad gives for the same cells.
+    from annotate import annotate
+    from shards import ShardCorpus
+
+    corpus_dir = corpus[1]
+    h5ad = ad.read_h5ad(Path(corpus_dir).parent / "cells.h5ad")
+    blocks = list(ShardCorpus(corpus_dir).blocks(70))
+    start, block = blocks[1]
+    from_shards = annotate(block, str(tmp_path / "k_best.pth"))
+    from_h5ad = annotate(h5ad[start:start + 70].copy(), str(tmp_path / "k_best.pth"))
+    assert len(blocks) == 10 and list(from_shards.obs_names) == list(from_h5ad.obs_names)
+    assert (from_shards.obs["scbert_celltype"] == from_h5ad.obs["scbert_celltype"]).all()
+    assert torch.equal(torch.as_tensor(from_shards.obsm["scbert_probabilities"]),
+                       torch.as_tensor(from_h5ad.obsm["scbert_probabilities"]))
