@@ -18,6 +18,12 @@ Steps (SPEC section 1), each vectorised on sparse matrices:
 The output `.h5ad` holds `X` (CSR float32, cells x reference genes), `obs` of the kept cells, `var` = the reference
 genes in order (column `in_input`: whether the data had the gene) and `uns["scbert_preprocess"]` with `params` and
 `summary` (see `preprocess_adata`), which later scripts check.
+
+Atlas scale: `--data_path` takes several inputs or a folder of them, preprocessed one after another in row blocks
+(`stream_preprocess`; a CSR `.h5ad` is read backed), and `--out_format shards` writes a folder of memory-mapped
+shards (`shards.ShardWriter`) instead of one `.h5ad`:
+
+    python preprocess.py --data_path samples/ --ref panglao --out_format shards --out_path atlas_shards
 """
 
 from __future__ import annotations
@@ -1214,8 +1220,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     reference = read_reference_genes(args.ref)
     reference_name = args.ref if args.ref else f"default: {os.path.basename(DEFAULT_REFERENCE)}"
     table = load_gene_table(args.gene_info)
-    print(f"reading {', '.join(args.data_path)} ({len(paths)} input{'s' if len(paths) > 1 else ''}); reference: "
-          f"{reference_name} ({len(reference)} genes)")
+    what = input_kind(paths[0]) if len(paths) == 1 else f"{len(paths)} inputs"
+    print(f"reading {', '.join(args.data_path)} ({what}); reference: {reference_name} ({len(reference)} genes)")
     if len(paths) == 1 and not shards:
         return _preprocess_one_file(args, paths[0], out_path, reference, reference_name, table)
     return _preprocess_streaming(args, paths, out_path, reference, reference_name, table)

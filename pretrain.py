@@ -150,7 +150,9 @@ def _pretrain(args: argparse.Namespace, ctx) -> list[dict[str, Any]]:
                     resume_path=resume_path, clip_norm=GRAD_CLIP)
     n_params = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
     print0(f"pretraining on {ctx.device} x {ctx.world_size}: {len(train_set)} train / {len(valid_set)} valid cells, "
-           f"{len(genes)} genes, {n_params:,} trainable parameters, epochs {run.start_epoch}..{args.epoch}", ctx=ctx)
+           f"{len(genes)} genes, {n_params:,} trainable parameters, " + (
+               f"optimiser steps {run.position.step + 1}..{args.max_steps}" if args.max_steps
+               else f"epochs {run.start_epoch}..{args.epoch}"), ctx=ctx)
     loss_options = dict(mask_prob=args.mask_prob, replace_prob=args.replace_prob, bin_num=args.bin_num)
     records = fit(run, functools.partial(masked_lm_loss, **loss_options), _valid_step(args, ctx, loss_options),
                   train_summary=_train_summary, valid_summary=_valid_summary, line=_epoch_line)
