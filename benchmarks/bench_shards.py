@@ -10,8 +10,8 @@ with `shards.ShardWriter` (kind "scbert", 65,536 cells per shard) into `--out_di
 - write: seconds spent in the writer (the random generation is timed apart, as "generate");
 - bytes per stored value: all shard files (row pointers, gene indices, values, obs tables) over the stored values;
 - peak RSS per rank: VmHWM of each rank of `torchrun --nproc_per_node 2 pretrain.py --data_path <shards>` running
-  `--max_steps` steps of a tiny Performer (dim 16, 1 block) with `--valid_cells 64`, read from /proc while it runs
-  (RssFile, the shard pages a rank has mapped, is part of it and shared through the page cache);
+  `--max_steps` steps of a tiny Performer (dim 16, 1 block, batch 2 per rank) with `--valid_cells 64`, read from
+  /proc while it runs (RssFile, the shard pages a rank has mapped, is part of it and shared through the page cache);
 - loader cells/s: one process iterating the training DataLoader (`CellDataset` over the corpus, `BlockShuffleSampler`,
   batch 8, no workers), against the model's cells/s: one full-size pretraining step (16,907 tokens, dim 200, depth
   6, batch 1, fp32) timed after a warm-up step, once per run.
@@ -46,7 +46,7 @@ from utils import ScbertError, atomic_write_bytes, run_cli  # noqa: E402
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "bench_shards.json"
 BLOCK = 16384
 TINY = ["--dim", "16", "--depth", "1", "--heads", "2", "--dim_head", "8", "--pos_embed", "False",
-        "--batch_size", "8", "--grad_acc", "1", "--learning_rate", "1e-3"]
+        "--batch_size", "2", "--grad_acc", "1", "--learning_rate", "1e-3"]
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -54,7 +54,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--sizes", default="10000,100000,1000000", help="comma-separated cell counts")
     parser.add_argument("--genes", type=int, default=16906, help="genes per cell (published: 16,906)")
     parser.add_argument("--nnz", type=int, default=1000, help="stored values per cell, about")
-    parser.add_argument("--steps", type=int, default=300, help="optimiser steps of the 2-rank job")
+    parser.add_argument("--steps", type=int, default=200, help="optimiser steps of the 2-rank job (batch 2 per rank)")
     parser.add_argument("--loader_batches", type=int, default=300, help="batches timed in the loader measurement")
     parser.add_argument("--model_step", default="True", help="time a full-size pretraining step (True/False)")
     parser.add_argument("--out_dir", default="/tmp/bench_shards", help="where corpora are written (removed after)")
@@ -134,7 +134,10 @@ def two_rank_job(folder: str, genes: int, steps: int, ckpt_dir: str) -> dict:
                "--valid_cells", "64", "--ckpt_dir", ckpt_dir, "--model_name", "bench"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     start = time.perf_counter()
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log_path = os.path.join(ckpt_dir, "job.log")  # a file, not a pipe: a full pipe would stop the job
+    os.makedirs(ckpt_dir, exist_ok=True)
+    log = open(log_path, "w")
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     peaks: dict[int, dict[str, int]] = {}
     while process.poll() is None:
         for pid in _descendants(process.pid):
@@ -144,7 +147,9 @@ def two_rank_job(folder: str, genes: int, steps: int, ckpt_dir: str) -> dict:
                 for key in ("VmHWM", "RssAnon", "RssFile"):
                     best[key] = max(best.get(key, 0), status.get(key, 0))
         time.sleep(0.5)
-    output = process.stdout.read()
+    log.close()
+    with open(log_path) as fh:
+        output = fh.read()
     if process.returncode != 0:
         raise ScbertError(f"the 2-rank job failed (exit {process.returncode}): {output[-2000:]}")
     ranks = sorted(peaks.values(), key=lambda p: -p["VmHWM"])[:2]  # the two workers (the launcher is smaller)
