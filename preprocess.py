@@ -1181,12 +1181,17 @@ def _preprocess_streaming(args, paths: list[str], out_path: str, reference, refe
     shards = args.out_format == "shards"
     sink = (ShardWriter(out_path, reference, kind="scbert", params=params, cells_per_shard=args.cells_per_shard)
             if shards else H5adSink())
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", PreprocessWarning)
-        summary, in_input = stream_preprocess(
-            paths, reference, sink, table=table, transpose=args.transpose, block_cells=args.block_cells,
-            **_options(args), target_sum=args.target_sum if args.normalize else None,
-            log_base=args.log_base if args.log1p else None)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", PreprocessWarning)
+            summary, in_input = stream_preprocess(
+                paths, reference, sink, table=table, transpose=args.transpose, block_cells=args.block_cells,
+                **_options(args), target_sum=args.target_sum if args.normalize else None,
+                log_base=args.log_base if args.log1p else None)
+    except BaseException:
+        if shards:
+            sink.abort()
+        raise
     _report_warnings(caught)
     if shards:
         manifest = sink.close(summary, overwrite=args.overwrite)

@@ -257,15 +257,27 @@ class RunPosition:
     trained (`batches`; 0 at an epoch's end), optimiser steps of the whole run (`step`) and whether the checkpoint
     was taken mid-epoch. A resumed run continues at the next unseen batch of that epoch."""
 
-    def __init__(self):
+    def __init__(self, batch_size: int = 0, world_size: int = 1):
         self.epoch, self.batches, self.step, self.mid_epoch = 0, 0, 0, False
+        self.batch_size, self.world_size = int(batch_size), int(world_size)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "batches": self.batches, "step": self.step, "mid_epoch": self.mid_epoch}
+        state = {"epoch": self.epoch, "batches": self.batches, "step": self.step, "mid_epoch": self.mid_epoch}
+        if self.mid_epoch:  # what the position means: batches of this size on this many ranks
+            state.update(batch_size=self.batch_size, world_size=self.world_size)
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        mid_epoch = bool(state["mid_epoch"])
+        saved = (int(state.get("batch_size", self.batch_size)), int(state.get("world_size", self.world_size)))
+        if mid_epoch and saved != (self.batch_size, self.world_size):
+            raise ScbertError(
+                f"cannot resume mid-epoch with --batch_size {self.batch_size} on {self.world_size} processes: that "
+                f"run used --batch_size {saved[0]} on {saved[1]}, so its position in the epoch means other cells; "
+                "rerun with those, or pass another --model_name"
+            )
         self.epoch, self.batches = int(state["epoch"]), int(state["batches"])
-        self.step, self.mid_epoch = int(state["step"]), bool(state["mid_epoch"])
+        self.step, self.mid_epoch = int(state["step"]), mid_epoch
 
 
 def restore_training_state(

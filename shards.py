@@ -132,6 +132,10 @@ class ShardWriter:
         obs.to_parquet(f"{base}.obs.parquet")
         self.shards.append({"name": name, "cells": int(matrix.shape[0]), "nnz": int(keep.sum())})
 
+    def abort(self) -> None:
+        """Remove the temporary folder (a failed write leaves nothing behind)."""
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
     def close(self, summary: dict[str, Any] | None = None, *, overwrite: bool = False) -> dict[str, Any]:
         """Write the last shard and the manifest, then move the folder into place. Returns the manifest."""
         if self._pending_cells:

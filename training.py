@@ -537,7 +537,7 @@ def start_run(
     scheduler = make_scheduler(optimizer) if make_scheduler else build_scheduler(optimizer, args.learning_rate)
     run = Run(args=args, ctx=ctx, model=model, optimizer=optimizer, scheduler=scheduler, amp=amp, genes=list(genes),
               classes=list(classes) if classes is not None else None,
-              state={**(state or {}), "position": RunPosition()}, clip_norm=clip_norm,
+              state={**(state or {}), "position": RunPosition(args.batch_size, ctx.world_size)}, clip_norm=clip_norm,
               divide_by_grad_acc=divide_by_grad_acc,
               train_loader=build_loader(train_set, batch_size=args.batch_size, ctx=ctx, train=True, seed=args.seed,
                                         num_workers=args.num_workers, sampler=sampler),

@@ -17,6 +17,7 @@ import torch
 import pretrain
 from shards import ShardWriter
 from tests.test_training import write_preprocessed
+from utils import ScbertError
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--gene_num", "48", "--dim", "16", "--depth", "1", "--heads", "2", "--dim_head", "8", "--batch_size", "8",
@@ -64,6 +65,9 @@ def test_a_run_stopped_mid_epoch_continues_to_the_parameters_of_an_uninterrupted
     _assert_same_weights(stopped / "k_epoch2_step50.pth", whole / "k_epoch2_step50.pth")
     assert resumed[0]["valid_loss"] == pytest.approx(complete[0]["valid_loss"], rel=1e-5)
     assert pretrain.main([*corpus, *TINY, "--ckpt_dir", str(whole), "--max_steps", "50"]) == []  # already done
+    with pytest.raises(ScbertError, match="cannot resume mid-epoch with --batch_size 4 on 1 processes: that run "
+                                          "used --batch_size 8 on 1"):
+        pretrain.main([*corpus, *TINY, "--ckpt_dir", str(whole), "--max_steps", "60", "--batch_size", "4"])
 
 
 def _free_port():
@@ -181,7 +185,8 @@ def test_finetuning_reads_shards_and_stops_at_max_steps_with_its_best_model(corp
     names = sorted(p.name for p in tmp_path.glob("*.pth"))
     assert names == ["k_best.pth", "k_epoch1_step10.pth"], names
     payload = torch.load(tmp_path / "k_epoch1_step10.pth", weights_only=True)
-    assert payload["position_state_dict"] == {"epoch": 1, "batches": 20, "step": 10, "mid_epoch": True}
+    assert payload["position_state_dict"] == {"epoch": 1, "batches": 20, "step": 10, "mid_epoch": True,
+                                              "batch_size": 8, "world_size": 1}
     assert payload["classes"] == ["type0", "type1", "type2", "type3"]
     # Prediction in row blocks of the shards gives what the .h5ad gives for the same cells.
     from annotate import annotate
