@@ -113,7 +113,8 @@ def get_common_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(add_help=False)
     data = parser.add_argument_group("data")
     data.add_argument("--data_path", type=str, default=None,
-                      help="preprocessed .h5ad written by preprocess.py (CSR log2(1 + CP10K) over the model's genes)")
+                      help="preprocessed .h5ad written by preprocess.py (CSR log2(1 + CP10K) over the model's genes), "
+                           "or a shard folder from preprocess.py --out_format shards (memory-mapped: large corpora)")
     data.add_argument("--bin_num", type=int, default=5,
                       help="expression bins: token = min(floor(v), bin_num); the mask/pad token is bin_num + 1 "
                            "(published: 5 and 6)")
