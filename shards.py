@@ -1,8 +1,8 @@
 """A sharded, pre-tokenised corpus on disk, read through memory maps: the data path of atlas-scale runs.
 
 Why: an in-memory `.h5ad` costs every rank the whole corpus as CSR (about 19 GB per rank at PanglaoDB size). Shards
-are read with `numpy.memmap`, so a node keeps one page-cache copy that all its ranks and loader workers share, and
-a process touches only the pages of the cells it reads.
+are read through the page cache (row pointers as `numpy.memmap`, a cell's few KB with `os.pread`), so a node keeps
+one copy that all its ranks and loader workers share, and a process holds only the cells it is reading.
 
 Layout of a shard folder (written by `preprocess.py --out_format shards`, `ShardWriter`):
 
@@ -31,8 +31,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import shutil
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -52,6 +54,8 @@ KINDS = {"scbert": "floor(log2(1 + CP10K)) capped at 255; values below 1 not sto
 # 65,536 cells x ~1,000 non-zeros is ~200 MB per shard: large enough for sequential reads, small enough to write in
 # one piece and to shuffle at shard-block granularity.
 CELLS_PER_SHARD = 65536
+# Shards whose files a reader keeps open (two descriptors each), the most recently used.
+MAX_OPEN_SHARDS = 64
 
 
 def genes_sha256(genes: Sequence[str]) -> str:
@@ -192,11 +196,11 @@ class ShardCorpus:
         self.kind = self.manifest["kind"]
         cells = [int(s["cells"]) for s in self.manifest["shards"]]
         self.offsets = np.concatenate([[0], np.cumsum(cells)]).astype(np.int64)  # first row of each shard
-        self._maps: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._maps: OrderedDict[int, tuple] = OrderedDict()
         self._obs: pd.DataFrame | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_maps": {}, "_obs": None}
+        return {**self.__dict__, "_maps": OrderedDict(), "_obs": None}  # each process opens the files itself
 
     @property
     def n_obs(self) -> int:
@@ -231,20 +235,33 @@ class ShardCorpus:
             self._obs = pd.concat(parts) if len(parts) > 1 else parts[0]
         return self._obs
 
-    def _shard(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        if k not in self._maps:
-            base = os.path.join(self.folder, self.manifest["shards"][k]["name"])
-            self._maps[k] = tuple(np.load(f"{base}.{part}.npy", mmap_mode="r")
-                                  for part in ("indptr", "indices", "values"))
+    def _shard(self, k: int) -> tuple[np.ndarray, tuple[int, int, np.dtype], tuple[int, int, np.dtype]]:
+        """Shard k's row pointers (memory-mapped) and, for its gene indices and values, (file descriptor, data
+        offset, dtype). The most recently used MAX_OPEN_SHARDS shards stay open."""
+        if k in self._maps:
+            self._maps.move_to_end(k)
+            return self._maps[k]
+        base = os.path.join(self.folder, self.manifest["shards"][k]["name"])
+        indptr = np.load(f"{base}.indptr.npy", mmap_mode="r")
+        _advise(indptr, "MADV_RANDOM")
+        self._maps[k] = (indptr, _open_array(f"{base}.indices.npy"), _open_array(f"{base}.values.npy"))
+        if len(self._maps) > MAX_OPEN_SHARDS:
+            _, (_, (fd_i, _, _), (fd_v, _, _)) = self._maps.popitem(last=False)
+            os.close(fd_i)
+            os.close(fd_v)
         return self._maps[k]
 
     def row(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """Cell i's stored genes (int64 column indices, ascending) and values (float32)."""
+        """Cell i's stored genes (int64 column indices, ascending) and values (float32).
+
+        The row pointers are memory-mapped; a cell's indices and values (a few KB) are read with `os.pread` from
+        the same page cache: a memory-mapped payload would count whole page-cache folios (hundreds of KB per
+        touched cell here) as each rank's resident memory, growing with how much of the corpus it has read."""
         k = int(np.searchsorted(self.offsets, i, side="right")) - 1
         indptr, indices, values = self._shard(k)
         local = i - int(self.offsets[k])
         start, end = int(indptr[local]), int(indptr[local + 1])
-        return indices[start:end].astype(np.int64), values[start:end].astype(np.float32)
+        return _read_range(indices, start, end).astype(np.int64), _read_range(values, start, end).astype(np.float32)
 
     def to_csr(self, rows: Sequence[int] | None = None) -> sp.csr_matrix:
         """(len(rows), genes) CSR float32 of the given cells (default all: only for small corpora and tests)."""
@@ -269,6 +286,32 @@ class ShardCorpus:
         """(start, AnnData of cells start..start + block_cells - 1) over the corpus: prediction in row blocks."""
         for start in range(0, self.n_obs, block_cells):
             yield start, self.to_anndata(range(start, min(start + block_cells, self.n_obs)))
+
+
+def _open_array(path: str) -> tuple[int, int, np.dtype]:
+    """(read-only file descriptor, byte offset of the data, dtype) of a 1-d `.npy` file."""
+    with open(path, "rb") as fh:
+        version = np.lib.format.read_magic(fh)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        _, fortran, dtype = read_header(fh)
+        offset = fh.tell()
+    if fortran:
+        raise ScbertError(f"{path} is not a shard array written by this project: rewrite the corpus")
+    return os.open(path, os.O_RDONLY), offset, np.dtype(dtype)
+
+
+def _read_range(array: tuple[int, int, np.dtype], start: int, end: int) -> np.ndarray:
+    fd, offset, dtype = array
+    data = os.pread(fd, (end - start) * dtype.itemsize, offset + start * dtype.itemsize)
+    return np.frombuffer(data, dtype=dtype)
+
+
+def _advise(array: np.ndarray, advice: str) -> None:
+    """madvise on a memory-mapped array's mapping, where the platform has it (Linux, macOS)."""
+    mapping = getattr(array, "_mmap", None)
+    flag = getattr(mmap, advice, None)
+    if mapping is not None and flag is not None and hasattr(mapping, "madvise"):
+        mapping.madvise(flag)
 
 
 def open_corpus(path: str, *, kind: str | None = None) -> ShardCorpus:
