@@ -11,10 +11,10 @@ with `shards.ShardWriter` (kind "scbert", 65,536 cells per shard) into `--out_di
 - bytes per stored value: all shard files (row pointers, gene indices, values, obs tables) over the stored values;
 - peak RSS per rank: VmHWM of each rank of `torchrun --nproc_per_node 2 pretrain.py --data_path <shards>` running
   `--max_steps` steps of a tiny Performer (dim 16, 1 block, batch 2 per rank) with `--valid_cells 64`, read from
-  /proc while it runs (RssFile, the shard pages a rank has mapped, is part of it and shared through the page cache);
-- loader cells/s: one process iterating the training DataLoader (`CellDataset` over the corpus, `BlockShuffleSampler`,
-  batch 8, no workers), against the model's cells/s: one full-size pretraining step (16,907 tokens, dim 200, depth
-  6, batch 1, fp32) timed after a warm-up step, once per run.
+  /proc while it runs (RssFile: mapped files, libraries included);
+- loader cells/s: one process on one thread iterating the training DataLoader (`CellDataset` over the corpus,
+  `BlockShuffleSampler`, batch 8, no workers), against the model's cells/s: one full-size pretraining step (16,907
+  tokens, dim 200, depth 6, batch 1, fp32) timed after a warm-up step, once per run.
 
 The target of the issue: peak memory per rank at 10^6 cells within 1.3x of that at 10^4; the loader never the
 bottleneck of a full-size step. Results: stdout and `--json` (default benchmarks/results/bench_shards.json).
@@ -158,11 +158,14 @@ def two_rank_job(folder: str, genes: int, steps: int, ckpt_dir: str) -> dict:
 
 
 def loader_rate(folder: str, batches: int) -> float:
-    """Cells/s of the training DataLoader over the corpus in one process (tokens made, as training sees them)."""
+    """Cells/s of the training DataLoader over the corpus in one process on one thread (tokens made, as training
+    sees them)."""
     import torch
 
     from data import BlockShuffleSampler, CellDataset
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a DataLoader worker (torch gives each one thread), and the tiny models' policy
     corpus = ShardCorpus(folder)
     dataset = CellDataset(corpus, bin_num=5)
     sampler = BlockShuffleSampler(len(dataset), seed=1)
@@ -173,7 +176,9 @@ def loader_rate(folder: str, batches: int) -> float:
         cells += batch["tokens"].shape[0]
         if i + 1 >= batches:
             break
-    return cells / (time.perf_counter() - start)
+    rate = cells / (time.perf_counter() - start)
+    torch.set_num_threads(threads)
+    return rate
 
 
 def model_rate(genes: int) -> float:
