@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -73,6 +74,9 @@ def load_training_data(
         raise ScbertError("no input given: pass --data_path <preprocessed .h5ad from preprocess.py>")
     if is_shard_folder(args.data_path):
         return _load_shards(args, genes, genes_source)
+    if os.path.isdir(args.data_path):
+        raise ScbertError(f"--data_path {args.data_path!r} is a folder without a shard manifest: pass a preprocessed "
+                          ".h5ad, or a folder written by preprocess.py --out_format shards")
     if getattr(args, "model_type", "performer") == "transformer":
         # The transformer reads bins (preprocess.py --recipe scgpt); its gene count comes from the data.
         from scgpt_preprocess import read_binned

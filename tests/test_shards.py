@@ -82,6 +82,10 @@ def test_shards_round_trip_an_h5ad_exactly(genes, tmp_path, capsys):
     assert (corpus.to_csr() != expected).nnz == 0
     with pytest.raises(ScbertError, match="holds scbert values but this model reads scgpt"):
         open_corpus(str(tmp_path / "sh"), kind="scgpt")
+    import pretrain
+
+    with pytest.raises(ScbertError, match="is a folder without a shard manifest"):
+        pretrain.main(["--data_path", str(tmp_path), "--ckpt_dir", str(tmp_path / "ck")])
     with pytest.raises(SystemExit) as exit_info:  # nothing the user had is overwritten
         run_cli(preprocess.main, [*common, "--out_format", "shards", "--out_path", str(tmp_path / "sh")])
     assert exit_info.value.code == 2
