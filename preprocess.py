@@ -18,12 +18,19 @@ Steps (SPEC section 1), each vectorised on sparse matrices:
 The output `.h5ad` holds `X` (CSR float32, cells x reference genes), `obs` of the kept cells, `var` = the reference
 genes in order (column `in_input`: whether the data had the gene) and `uns["scbert_preprocess"]` with `params` and
 `summary` (see `preprocess_adata`), which later scripts check.
+
+Atlas scale: `--data_path` takes several inputs or a folder of them, preprocessed one after another in row blocks
+(`stream_preprocess`; a CSR `.h5ad` is read backed), and `--out_format shards` writes a folder of memory-mapped
+shards (`shards.ShardWriter`) instead of one `.h5ad`:
+
+    python preprocess.py --data_path samples/ --ref panglao --out_format shards --out_path atlas_shards
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import sys
 import warnings
@@ -369,31 +376,9 @@ def select_counts(adata: ad.AnnData, counts_from: str = "auto", allow_normalized
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def gene_column_map(
-    names: Sequence[str],
-    reference: Sequence[str],
-    table: GeneTable,
-    duplicates: str = "first",
-    ids: Sequence[str] | None = None,
-) -> tuple[np.ndarray, dict, dict]:
-    """Where each input gene column goes in the reference, after symbol revision.
-
-    A name's key is its revised symbol. A name that cannot be revised (unknown or ambiguous) is revised by its
-    Ensembl id when `ids` (one per name, e.g. a 10x file's `var["gene_ids"]`) maps it to one current gene (counted
-    as `genes_revised_by_id`); otherwise it keeps its own text as key and is used only if the reference lists
-    exactly that text (`genes_verbatim`). Reference names are revised the same way, so an outdated symbol in the
-    reference (`IGJ`) still receives the data's `JCHAIN`.
-
-    Several columns with one key (a collision): a column whose name already is the current symbol wins over every
-    column revised to it, in any column order (pbmc3k's `HNRNPU` over `HNRNPU-AS1`, an alias of it); among the
-    others, duplicates "first" keeps the first column (as the reference code does), "sum" adds them.
-
-    Returns (col_to_ref: int64 (genes_in,), -1 where dropped; counts dict; examples dict of short strings).
-    """
-    if duplicates not in ("first", "sum"):
-        raise ScbertError(f"--duplicates {duplicates!r} is not one of first, sum")
-    if ids is not None and len(ids) != len(names):
-        raise ScbertError(f"{len(ids)} Ensembl ids for {len(names)} gene names; the id column must have one per gene")
+def _reference_index(reference: Sequence[str], table: GeneTable) -> tuple[dict[str, int], int, int]:
+    """Revised reference name -> its position; also how many reference names were revised, and aliased (two
+    reference names for one gene: the one spelled as the current symbol receives the data)."""
     ref_index: dict[str, int] = {}
     reference_revised = reference_aliased = 0
     for j, name in enumerate(reference):
@@ -402,13 +387,16 @@ def gene_column_map(
         reference_revised += status in (SYNONYM, ENSEMBL, CASE)
         if key in ref_index:
             reference_aliased += 1
-            # Two reference names for one gene: the one spelled as the current symbol receives the data.
             if name == key:
                 ref_index[key] = j
         else:
             ref_index[key] = j
+    return ref_index, reference_revised, reference_aliased
 
-    col_to_ref = np.full(len(names), -1, dtype=np.int64)
+
+def _group_columns(names: Sequence[str], ref_index: dict[str, int], table: GeneTable, ids: Sequence[str] | None):
+    """Each input column's revision: (key -> its columns in input order, status per column, status counts,
+    verbatim count, examples of revised / dropped / revised-by-id names)."""
     status_counts = dict.fromkeys((CURRENT, SYNONYM, ENSEMBL, CASE, AMBIGUOUS, UNKNOWN, BY_ID), 0)
     groups: dict[str, list[int]] = {}  # key -> input columns, in input order
     statuses: list[str] = []
@@ -434,7 +422,12 @@ def gene_column_map(
         elif status not in (CURRENT, BY_ID) and len(revised_examples) < EXAMPLES:
             revised_examples.append(f"{name}->{revised}")
         groups.setdefault(key, []).append(i)
+    return groups, statuses, status_counts, verbatim, (revised_examples, dropped_examples, id_examples)
 
+
+def _resolve_collisions(groups, statuses, names, ref_index, duplicates: str, col_to_ref: np.ndarray):
+    """Fill col_to_ref from the groups: a column already named as the current symbol wins; among the others
+    "first" keeps the first, "sum" all. Returns (duplicated, collisions, current_won, collision examples)."""
     duplicated = collisions = current_won = 0
     collision_examples = []
     for key, columns in groups.items():
@@ -454,6 +447,40 @@ def gene_column_map(
                     f"{key}: kept {' + '.join(str(names[i]) for i in kept)}"
                     + (f" over {', '.join(map(str, lost))}" if lost else " (summed)")
                 )
+    return duplicated, collisions, current_won, collision_examples
+
+
+def gene_column_map(
+    names: Sequence[str],
+    reference: Sequence[str],
+    table: GeneTable,
+    duplicates: str = "first",
+    ids: Sequence[str] | None = None,
+) -> tuple[np.ndarray, dict, dict]:
+    """Where each input gene column goes in the reference, after symbol revision.
+
+    A name's key is its revised symbol. A name that cannot be revised (unknown or ambiguous) is revised by its
+    Ensembl id when `ids` (one per name, e.g. a 10x file's `var["gene_ids"]`) maps it to one current gene (counted
+    as `genes_revised_by_id`); otherwise it keeps its own text as key and is used only if the reference lists
+    exactly that text (`genes_verbatim`). Reference names are revised the same way, so an outdated symbol in the
+    reference (`IGJ`) still receives the data's `JCHAIN`.
+
+    Several columns with one key (a collision): a column whose name already is the current symbol wins over every
+    column revised to it, in any column order (pbmc3k's `HNRNPU` over `HNRNPU-AS1`, an alias of it); among the
+    others, duplicates "first" keeps the first column (as the reference code does), "sum" adds them.
+
+    Returns (col_to_ref: int64 (genes_in,), -1 where dropped; counts dict; examples dict of short strings).
+    """
+    if duplicates not in ("first", "sum"):
+        raise ScbertError(f"--duplicates {duplicates!r} is not one of first, sum")
+    if ids is not None and len(ids) != len(names):
+        raise ScbertError(f"{len(ids)} Ensembl ids for {len(names)} gene names; the id column must have one per gene")
+    ref_index, reference_revised, reference_aliased = _reference_index(reference, table)
+    groups, statuses, status_counts, verbatim, (revised_examples, dropped_examples, id_examples) = _group_columns(
+        names, ref_index, table, ids)
+    col_to_ref = np.full(len(names), -1, dtype=np.int64)
+    duplicated, collisions, current_won, collision_examples = _resolve_collisions(
+        groups, statuses, names, ref_index, duplicates, col_to_ref)
     used = col_to_ref >= 0
     covered = np.unique(col_to_ref[used]).size
     unrevised = status_counts[AMBIGUOUS] + status_counts[UNKNOWN]
@@ -601,6 +628,125 @@ def _plain(value):
     return "" if value is None else value
 
 
+def _check_options(reference_genes, min_genes, normalize, target_sum, log1p, log_base) -> None:
+    if len(set(reference_genes)) != len(reference_genes):
+        raise ScbertError("the reference gene list holds duplicates; a reference gene list must be unique")
+    if not reference_genes:
+        raise ScbertError("the reference gene list is empty; pass the reference's genes")
+    if min_genes < 0:
+        raise ScbertError(f"--min_genes {min_genes} is negative; pass 0 to keep every cell")
+    if normalize and not target_sum > 0:
+        raise ScbertError(f"--target_sum {target_sum} must be positive (or pass --normalize False)")
+    if log1p and not (log_base > 0 and log_base != 1):
+        raise ScbertError(f"--log_base {log_base} must be positive and not 1 (or pass --log1p False)")
+
+
+def _checked_counts(adata: ad.AnnData, counts_from: str, allow_normalized: bool):
+    """(matrix, var, source) of the counts, refused with one sentence when they are missing or not counts."""
+    matrix, var, counts_source = select_counts(adata, counts_from, allow_normalized)
+    if matrix is None:
+        raise ScbertError(f"the input's {counts_source} holds no matrix; pass a file with counts (see --counts_from)")
+    if adata.n_obs == 0 or matrix.shape[1] == 0:
+        raise ScbertError(f"the input has {adata.n_obs} cells and {matrix.shape[1]} genes; pass a non-empty matrix")
+    # "auto" without allow_normalized has already checked the matrix it chose.
+    problem = None if counts_from == "auto" and not allow_normalized else count_problem(matrix, allow_normalized)
+    if problem:
+        raise ScbertError(
+            f"{counts_source} holds {problem}, so it is not raw counts; pass raw counts (--counts_from X, raw or "
+            f"layer:NAME)" + ("" if allow_normalized else ", or --allow_normalized True if normalised on purpose")
+        )
+    return matrix, var, counts_source
+
+
+def _gene_names(var: pd.DataFrame, var_column: str | None) -> list[str]:
+    if var_column is None:
+        return [str(g) for g in var.index]
+    if var_column in var.columns:
+        return [str(g) for g in var[var_column]]
+    raise ScbertError(
+        f"--var_column {var_column!r} is not a column of the input's var (columns: {list(var.columns)}); "
+        f"leave it out to use the var names"
+    )
+
+
+def map_input_genes(var: pd.DataFrame, reference_genes: Sequence[str], table: GeneTable, *,
+                    var_column: str | None = None, id_column: str | None = "auto", duplicates: str = "first"):
+    """Where each input column goes in the reference (`gene_column_map` on the var's names, with the Ensembl id
+    column found by `find_id_column`). Returns (col_to_ref, summary with examples, identifier_type, id column or
+    None); refuses an input none of whose genes is in the reference."""
+    names = _gene_names(var, var_column)
+    identifier_type = detect_identifier_type(names)
+    # Names that are Ensembl ids already are revised by them; otherwise an id column can rescue unknown names.
+    id_col = None if identifier_type == "ensembl" else find_id_column(var, id_column)
+    ids = None if id_col is None else [str(v) for v in var[id_col]]
+    col_to_ref, summary, examples = gene_column_map(names, reference_genes, table, duplicates, ids=ids)
+    if summary["reference_covered"] == 0:
+        hint = ""
+        if identifier_type == "ensembl" and not any(str(n).startswith("ENSG") for n in names[:1000]):
+            hint = " The Ensembl ids are not human (ENSG...); this table is for human data."
+        raise ScbertError(
+            f"none of the {len(names)} input genes matches the {len(reference_genes)} reference genes: input names "
+            f"look like {identifier_type} ids (e.g. {names[:3]}), reference names like {reference_genes[:3]}.{hint} "
+            f"Check the species (human), the identifier type (--var_column for another var column) and --ref"
+        )
+    summary.update(examples)
+    return col_to_ref, summary, identifier_type, id_col
+
+
+def process_block(matrix, col_to_ref: np.ndarray, n_ref: int, *, min_genes: int, target_sum: float | None,
+                  log_base: float | None) -> tuple[sp.csr_matrix, np.ndarray]:
+    """One block of count rows -> (kept cells x reference genes) CSR float32 normalised values, and the keep mask.
+
+    Alignment, the --min_genes filter and normalisation are per cell, so blocks give the rows the whole matrix
+    would (what streaming several inputs relies on)."""
+    x = align_to_reference(matrix, col_to_ref, n_ref)
+    keep = np.diff(x.indptr) >= min_genes
+    if not keep.all():
+        x = x[np.flatnonzero(keep)]
+    normalize_log1p(x, target_sum, log_base)
+    return x, keep
+
+
+def _coverage_notes(summary: dict, n_ref: int) -> list[str]:
+    """Warnings about the gene match (also emitted as PreprocessWarning)."""
+    notes = []
+    if summary["coverage"] < LOW_COVERAGE:
+        notes.append(
+            f"only {summary['reference_covered']} of {n_ref} reference genes "
+            f"({summary['coverage']:.1%}) are in the data; the rest are zero, so predictions are unreliable; "
+            f"check the species, identifier type and --ref"
+        )
+    matched = summary["genes_used"]
+    if matched and summary["genes_case_matched"] * 2 > matched:
+        notes.append(
+            f"{summary['genes_case_matched']} gene names matched only case-insensitively (e.g. Cd3e -> CD3E); "
+            f"if these are mouse genes, human gene symbols do not make them human data"
+        )
+    for note in notes:
+        warnings.warn(note, PreprocessWarning, stacklevel=3)
+    return notes
+
+
+def preprocess_params(*, target_sum, normalize, log_base, log1p, min_genes, reference_name, n_ref, table,
+                      duplicates, counts_source, var_column, id_column, allow_normalized) -> dict:
+    """The parameters recorded in uns["scbert_preprocess"]["params"] (and in a shard manifest)."""
+    params = {
+        "target_sum": float(target_sum),
+        "normalize": bool(normalize),
+        "log_base": float(log_base),
+        "log1p": bool(log1p),
+        "min_genes": int(min_genes),
+        "reference": reference_name or f"{n_ref} genes given in-process",
+        "revision": table.source,
+        "duplicates": duplicates,
+        "counts_from": counts_source,
+        "var_column": var_column or "",
+        "id_column": "none" if id_column is None else str(id_column),
+        "allow_normalized": bool(allow_normalized),
+    }
+    return {k: _plain(v) for k, v in params.items()}
+
+
 def preprocess_adata(
     adata: ad.AnnData,
     reference_genes: Sequence[str] | None = None,
@@ -640,115 +786,34 @@ def preprocess_adata(
         reference_genes = read_reference_genes(None)
         reference_name = reference_name or f"default: {os.path.basename(DEFAULT_REFERENCE)}"
     reference_genes = [str(g) for g in reference_genes]
-    if len(set(reference_genes)) != len(reference_genes):
-        raise ScbertError("the reference gene list holds duplicates; a reference gene list must be unique")
-    if not reference_genes:
-        raise ScbertError("the reference gene list is empty; pass the reference's genes")
-    if min_genes < 0:
-        raise ScbertError(f"--min_genes {min_genes} is negative; pass 0 to keep every cell")
-    if normalize and not target_sum > 0:
-        raise ScbertError(f"--target_sum {target_sum} must be positive (or pass --normalize False)")
-    if log1p and not (log_base > 0 and log_base != 1):
-        raise ScbertError(f"--log_base {log_base} must be positive and not 1 (or pass --log1p False)")
+    _check_options(reference_genes, min_genes, normalize, target_sum, log1p, log_base)
     table = load_gene_table() if table is None else table
-
-    matrix, var, counts_source = select_counts(adata, counts_from, allow_normalized)
-    if matrix is None:
-        raise ScbertError(f"the input's {counts_source} holds no matrix; pass a file with counts (see --counts_from)")
-    if adata.n_obs == 0 or matrix.shape[1] == 0:
-        raise ScbertError(f"the input has {adata.n_obs} cells and {matrix.shape[1]} genes; pass a non-empty matrix")
-    # "auto" without allow_normalized has already checked the matrix it chose.
-    problem = None if counts_from == "auto" and not allow_normalized else count_problem(matrix, allow_normalized)
-    if problem:
+    matrix, var, counts_source = _checked_counts(adata, counts_from, allow_normalized)
+    col_to_ref, summary, identifier_type, id_col = map_input_genes(
+        var, reference_genes, table, var_column=var_column, id_column=id_column, duplicates=duplicates)
+    x, keep = process_block(matrix, col_to_ref, len(reference_genes), min_genes=min_genes,
+                            target_sum=target_sum if normalize else None, log_base=log_base if log1p else None)
+    if x.shape[0] == 0:
+        most = int(np.diff(align_to_reference(matrix, col_to_ref, len(reference_genes)).indptr).max())
         raise ScbertError(
-            f"{counts_source} holds {problem}, so it is not raw counts; pass raw counts (--counts_from X, raw or "
-            f"layer:NAME)" + ("" if allow_normalized else ", or --allow_normalized True if normalised on purpose")
-        )
-    if var_column is None:
-        names = [str(g) for g in var.index]
-    elif var_column in var.columns:
-        names = [str(g) for g in var[var_column]]
-    else:
-        raise ScbertError(
-            f"--var_column {var_column!r} is not a column of the input's var (columns: {list(var.columns)}); "
-            f"leave it out to use the var names"
-        )
-
-    identifier_type = detect_identifier_type(names)
-    # Names that are Ensembl ids already are revised by them; otherwise an id column can rescue unknown names.
-    id_col = None if identifier_type == "ensembl" else find_id_column(var, id_column)
-    ids = None if id_col is None else [str(v) for v in var[id_col]]
-    col_to_ref, summary, examples = gene_column_map(names, reference_genes, table, duplicates, ids=ids)
-    if summary["reference_covered"] == 0:
-        hint = ""
-        if identifier_type == "ensembl" and not any(str(n).startswith("ENSG") for n in names[:1000]):
-            hint = " The Ensembl ids are not human (ENSG...); this table is for human data."
-        raise ScbertError(
-            f"none of the {len(names)} input genes matches the {len(reference_genes)} reference genes: input names "
-            f"look like {identifier_type} ids (e.g. {names[:3]}), reference names like {reference_genes[:3]}.{hint} "
-            f"Check the species (human), the identifier type (--var_column for another var column) and --ref"
-        )
-
-    x = align_to_reference(matrix, col_to_ref, len(reference_genes))
-    genes_per_cell = np.diff(x.indptr)
-    keep = genes_per_cell >= min_genes
-    if not keep.any():
-        raise ScbertError(
-            f"no cell has at least {min_genes} expressed reference genes (most: {int(genes_per_cell.max())}); "
+            f"no cell has at least {min_genes} expressed reference genes (most: {most}); "
             f"lower --min_genes or check the gene names and --ref"
         )
-    if not keep.all():
-        x = x[np.flatnonzero(keep)]
-    normalize_log1p(x, target_sum if normalize else None, log_base if log1p else None)
-
-    notes = []
-    if summary["coverage"] < LOW_COVERAGE:
-        notes.append(
-            f"only {summary['reference_covered']} of {len(reference_genes)} reference genes "
-            f"({summary['coverage']:.1%}) are in the data; the rest are zero, so predictions are unreliable; "
-            f"check the species, identifier type and --ref"
-        )
-    matched = summary["genes_used"]
-    if matched and summary["genes_case_matched"] * 2 > matched:
-        notes.append(
-            f"{summary['genes_case_matched']} gene names matched only case-insensitively (e.g. Cd3e -> CD3E); "
-            f"if these are mouse genes, human gene symbols do not make them human data"
-        )
-    for note in notes:
-        warnings.warn(note, PreprocessWarning, stacklevel=2)
-
-    summary.update(examples)
-    summary.update(
-        cells_in=int(adata.n_obs),
-        cells_removed=int((~keep).sum()),
-        cells_out=int(keep.sum()),
-        identifier_type=identifier_type,
-        id_column=id_col or "",
-        counts_source=counts_source,
-        warnings=" | ".join(notes),
-    )
-    params = {
-        "target_sum": float(target_sum),
-        "normalize": bool(normalize),
-        "log_base": float(log_base),
-        "log1p": bool(log1p),
-        "min_genes": int(min_genes),
-        "reference": reference_name or f"{len(reference_genes)} genes given in-process",
-        "revision": table.source,
-        "duplicates": duplicates,
-        "counts_from": counts_source,
-        "var_column": var_column or "",
-        "id_column": "none" if id_column is None else str(id_column),
-        "allow_normalized": bool(allow_normalized),
-    }
-    obs = adata.obs.iloc[np.flatnonzero(keep)].copy()
+    notes = _coverage_notes(summary, len(reference_genes))
+    summary.update(cells_in=int(adata.n_obs), cells_removed=int((~keep).sum()), cells_out=int(keep.sum()),
+                   identifier_type=identifier_type, id_column=id_col or "", counts_source=counts_source,
+                   warnings=" | ".join(notes))
+    params = preprocess_params(target_sum=target_sum, normalize=normalize, log_base=log_base, log1p=log1p,
+                               min_genes=min_genes, reference_name=reference_name, n_ref=len(reference_genes),
+                               table=table, duplicates=duplicates, counts_source=counts_source,
+                               var_column=var_column, id_column=id_column, allow_normalized=allow_normalized)
     var_out = pd.DataFrame(
         {"in_input": np.bincount(col_to_ref[col_to_ref >= 0], minlength=len(reference_genes)) > 0},
         index=pd.Index(reference_genes, dtype=object),
     )
-    out = ad.AnnData(X=x, obs=obs, var=var_out)
+    out = ad.AnnData(X=x, obs=adata.obs.iloc[np.flatnonzero(keep)].copy(), var=var_out)
     summary = {k: _plain(v) for k, v in summary.items()}
-    out.uns[PREPROCESS_UNS_KEY] = {"params": {k: _plain(v) for k, v in params.items()}, "summary": dict(summary)}
+    out.uns[PREPROCESS_UNS_KEY] = {"params": params, "summary": dict(summary)}
     return out, summary
 
 
@@ -780,23 +845,186 @@ def format_summary(summary: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Several inputs, in row blocks (streaming), into an .h5ad or a shard folder
+# ----------------------------------------------------------------------------------------------------------------
+
+# Rows per block when streaming: ~16k cells x ~2,000 counts is a few hundred MB of temporaries at most.
+BLOCK_CELLS = 16384
+
+
+def input_paths(data_paths: Sequence[str]) -> list[str]:
+    """The inputs named by `--data_path`: each path itself, or for a folder that is not a 10x folder, the inputs
+    inside it (10x folders and count files, sorted by name)."""
+    paths = []
+    for path in data_paths:
+        if os.path.isdir(path) and _find_file(path, ["matrix.mtx"]) is None:
+            inside = sorted(os.path.join(path, name) for name in os.listdir(path) if not name.startswith("."))
+            found = [p for p in inside if (os.path.isdir(p) and _find_file(p, ["matrix.mtx"]) is not None)
+                     or (os.path.isfile(p) and p.lower().endswith((".h5ad", ".h5", ".hdf5", *TABLE_SUFFIXES)))]
+            if not found:
+                raise ScbertError(f"folder {path} holds no 10x folder or count file; pass inputs such as 10x folders, "
+                                  ".h5ad, .h5 or .csv/.tsv files")
+            paths.extend(found)
+        else:
+            input_kind(path)
+            paths.append(path)
+    return paths
+
+
+class H5adSink:
+    """Collects preprocessed blocks into one AnnData (the in-memory output of several inputs)."""
+
+    def __init__(self):
+        self.blocks: list[sp.csr_matrix] = []
+        self.obs: list[pd.DataFrame] = []
+
+    def add(self, block: sp.csr_matrix, obs: pd.DataFrame) -> None:
+        self.blocks.append(block)
+        self.obs.append(obs)
+
+    def adata(self, reference_genes: Sequence[str], in_input: np.ndarray) -> ad.AnnData:
+        x = sp.vstack(self.blocks, format="csr") if len(self.blocks) > 1 else self.blocks[0]
+        var = pd.DataFrame({"in_input": in_input}, index=pd.Index(reference_genes, dtype=object))
+        return ad.AnnData(X=x.astype(np.float32), obs=pd.concat(self.obs), var=var)
+
+
+class CountSource:
+    """One input's counts for streaming: n_obs, obs, var, where they came from, and `block(start, stop)`, rows
+    [start, stop) as CSR. `checked`: the whole matrix was already checked to hold counts (else each block is)."""
+
+    def __init__(self, n_obs: int, obs: pd.DataFrame, var: pd.DataFrame, source: str, block, checked: bool):
+        self.n_obs, self.obs, self.var, self.source, self.block, self.checked = n_obs, obs, var, source, block, checked
+
+
+def _backed_counts(path: str, options: dict) -> CountSource | None:
+    """X of an .h5ad opened backed (read from disk a block of rows at a time), when X is a CSR matrix of counts
+    the flags point to; None to read the file into memory instead (another matrix holds the counts, or X is CSC)."""
+    try:
+        adata = ad.read_h5ad(path, backed="r")
+    except Exception:  # the in-memory reader reports what is wrong with the file
+        return None
+    x = adata.X
+    auto = options["counts_from"] == "auto"
+    if x is None or getattr(x, "format", "csr") != "csr" or (auto and "counts" in adata.layers):
+        return None
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        return None
+
+    def block(start: int, stop: int) -> sp.csr_matrix:
+        return sp.csr_matrix(x[start:stop], dtype=np.float32)
+
+    problem = count_problem(block(0, min(adata.n_obs, 1024)), options["allow_normalized"])
+    if problem and auto:
+        return None  # .raw may hold the counts: the in-memory path looks there
+    if problem:
+        raise ScbertError(f"X holds {problem}, so it is not raw counts; pass raw counts (--counts_from X, raw or "
+                          "layer:NAME)" + ("" if options["allow_normalized"] else
+                                           ", or --allow_normalized True if normalised on purpose"))
+    return CountSource(adata.n_obs, adata.obs, adata.var, "X", block, checked=False)
+
+
+def open_counts(path: str, options: dict, transpose: bool = False) -> CountSource:
+    """The counts of one input: a CSR `.h5ad` backed (memory bounded by the block), anything else in memory."""
+    if input_kind(path) == "h5ad" and options["counts_from"] in ("auto", "X"):
+        backed = _backed_counts(path, options)
+        if backed is not None:
+            print(f"reading {path} (h5ad, backed: rows read from disk a block at a time)")
+            return backed
+    print(f"reading {path} ({input_kind(path)})")
+    adata = read_input(path, transpose=transpose)
+    matrix, var, source = _checked_counts(adata, options["counts_from"], options["allow_normalized"])
+    matrix = sp.csr_matrix(matrix)
+    return CountSource(adata.n_obs, adata.obs, var, source, lambda a, b: matrix[a:b], checked=True)
+
+
+def _stream_one(counts: CountSource, reference_genes: list[str], table: GeneTable, sink, options: dict,
+                block_cells: int, label: str | None) -> tuple[dict, np.ndarray]:
+    """One input through gene mapping once and alignment/filter/normalisation per row block into `sink`."""
+    col_to_ref, summary, identifier_type, id_col = map_input_genes(
+        counts.var, reference_genes, table, var_column=options["var_column"], id_column=options["id_column"],
+        duplicates=options["duplicates"])
+    kept = 0
+    for start in range(0, counts.n_obs, block_cells):
+        stop = min(start + block_cells, counts.n_obs)
+        matrix = counts.block(start, stop)
+        problem = None if counts.checked else count_problem(matrix, options["allow_normalized"])
+        if problem:
+            raise ScbertError(f"{counts.source} holds {problem} in rows {start}..{stop - 1}, so it is not raw counts; "
+                              "pass raw counts")
+        x, keep = process_block(matrix, col_to_ref, len(reference_genes), min_genes=options["min_genes"],
+                                target_sum=options["target_sum"], log_base=options["log_base"])
+        obs = counts.obs.iloc[start:stop].iloc[np.flatnonzero(keep)].copy()
+        if label is not None:
+            obs["input"] = label
+        if x.shape[0]:
+            sink.add(x, obs)
+        kept += int(keep.sum())
+    summary.update(cells_in=int(counts.n_obs), cells_removed=int(counts.n_obs - kept), cells_out=kept,
+                   identifier_type=identifier_type, id_column=id_col or "", counts_source=counts.source)
+    summary["warnings"] = " | ".join(_coverage_notes(summary, len(reference_genes)))
+    in_input = np.bincount(col_to_ref[col_to_ref >= 0], minlength=len(reference_genes)) > 0
+    return {k: _plain(v) for k, v in summary.items()}, in_input
+
+
+def stream_preprocess(paths: Sequence[str], reference_genes: Sequence[str], sink, *, table: GeneTable,
+                      transpose: bool = False, block_cells: int = BLOCK_CELLS, **options) -> tuple[dict, np.ndarray]:
+    """Preprocess every input in turn, each in row blocks of `block_cells`, handing kept cells to `sink.add`.
+
+    Memory is one block's counts and temporaries for a CSR `.h5ad` (read backed), else one input's counts (one 10x
+    sample, one file) plus one block's temporaries, whatever the number of inputs. With several inputs, obs gets an
+    `input` column (the input's file or folder name). options: those of `preprocess_adata` (counts_from,
+    var_column, id_column, duplicates, min_genes, allow_normalized; target_sum and log_base None to skip a step).
+    Returns (summary: per-input summaries under "inputs" and the cell totals, in_input: whether any input had each
+    reference gene).
+    """
+    reference_genes = [str(g) for g in reference_genes]
+    per_input, in_input = [], np.zeros(len(reference_genes), dtype=bool)
+    for path in paths:
+        counts = open_counts(path, options, transpose)
+        label = os.path.basename(os.path.normpath(path)) if len(paths) > 1 else None
+        summary, found = _stream_one(counts, reference_genes, table, sink, options, block_cells, label)
+        per_input.append({"input": os.path.abspath(path), **summary})
+        in_input |= found
+        del counts
+    if sum(s["cells_out"] for s in per_input) == 0:
+        raise ScbertError(f"no cell has at least {options['min_genes']} expressed reference genes in any input; "
+                          "lower --min_genes or check the gene names and --ref")
+    if len(per_input) == 1:
+        return per_input[0], in_input
+    totals = {k: sum(s[k] for s in per_input) for k in ("cells_in", "cells_removed", "cells_out")}
+    return {**totals, "inputs": json.dumps(per_input)}, in_input
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def default_out_path(data_path: str) -> str:
-    """`<input name without its format suffix>_preprocessed.h5ad`, beside the input (a 10x folder: beside it)."""
+def default_out_path(data_path: str, shards: bool = False) -> str:
+    """`<input name without its format suffix>_preprocessed.h5ad` (with `shards`: `..._shards`, a folder), beside
+    the input (a 10x folder: beside it)."""
     path = os.path.normpath(data_path)
     lower = path.lower()
     for suffix in (".h5ad", ".hdf5", ".h5", ".mtx.gz", ".mtx", *TABLE_SUFFIXES):
         if lower.endswith(suffix):
             path = path[: -len(suffix)]
             break
-    return f"{path}_preprocessed.h5ad"
+    return f"{path}_shards" if shards else f"{path}_preprocessed.h5ad"
 
 
-def check_out_path(data_path: str, out_path: str, overwrite: bool) -> None:
-    """Refuse an output that is the input, not an .h5ad, or (without overwrite) an existing file."""
+def check_out_path(data_path: str, out_path: str, overwrite: bool, shards: bool = False) -> None:
+    """Refuse an output that is the input, not an .h5ad (a shard folder: an .h5ad or an existing file), or
+    (without overwrite) one that exists."""
+    if shards:
+        if out_path.lower().endswith(".h5ad") or os.path.isfile(out_path):
+            raise ScbertError(f"--out_path {out_path} must be a folder name for --out_format shards (not a file or "
+                              ".h5ad)")
+        if os.path.realpath(out_path) == os.path.realpath(data_path):
+            raise ScbertError(f"--out_path {out_path} is the input; choose another output path")
+        if os.path.exists(out_path) and not overwrite:
+            raise ScbertError(f"{out_path} already exists; pass --overwrite True to replace it or choose another "
+                              "--out_path")
+        return
     if not out_path.lower().endswith(".h5ad"):
         raise ScbertError(f"--out_path {out_path} must end in .h5ad")
     if os.path.realpath(out_path) == os.path.realpath(data_path) or (
@@ -816,6 +1044,17 @@ def write_h5ad_atomic(adata: ad.AnnData, path: str) -> None:
     atomic_write_h5ad(adata, path)
 
 
+def add_output_flags(parser: argparse.ArgumentParser) -> None:
+    """--out_format, --cells_per_shard, --block_cells."""
+    parser.add_argument("--out_format", default="h5ad", choices=["h5ad", "shards"],
+                        help="h5ad (in memory, for small data) or shards: a folder of memory-mapped, pre-tokenised "
+                        "shards (shards.py) that pretrain.py and finetune.py read with memory per rank that does "
+                        "not grow with the corpus")
+    parser.add_argument("--cells_per_shard", type=int, default=65536, help="cells per shard of --out_format shards")
+    parser.add_argument("--block_cells", type=int, default=BLOCK_CELLS,
+                        help="cells aligned and normalised at a time when streaming (memory per block)")
+
+
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         "scBERT preprocessing: raw counts -> log2(1 + CP10K) over the reference genes", add_help=add_help
@@ -823,7 +1062,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument(
         "--data_path",
         required=True,
-        help="counts: .h5ad, 10x folder (matrix.mtx), 10x .h5, or .csv/.tsv (cells as rows)",
+        nargs="+",
+        help="counts: .h5ad, 10x folder (matrix.mtx), 10x .h5, or .csv/.tsv (cells as rows); several paths, or a "
+        "folder of such inputs (e.g. one 10x folder per sample), are preprocessed one after another in row blocks "
+        "into one output whose obs column 'input' names each cell's input",
     )
     parser.add_argument(
         "--ref",
@@ -833,7 +1075,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "var_names, e.g. panglao_10000.h5ad) or a text file, one symbol per line; default: NCBI human "
         "protein-coding genes (data/)",
     )
-    parser.add_argument("--out_path", default=None, help="output .h5ad (default: <input>_preprocessed.h5ad)")
+    parser.add_argument("--out_path", default=None,
+                        help="output .h5ad, or with --out_format shards a new folder (default: "
+                        "<input>_preprocessed.h5ad or <input>_shards)")
+    add_output_flags(parser)
     parser.add_argument(
         "--counts_from",
         default="auto",
@@ -892,8 +1137,78 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
+def _report_warnings(caught) -> None:
+    for warning in caught:
+        if issubclass(warning.category, PreprocessWarning):
+            print(f"warning: {warning.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+
+
+def _options(args: argparse.Namespace) -> dict:
+    return dict(counts_from=args.counts_from, var_column=args.var_column, id_column=args.id_column,
+                duplicates=args.duplicates, min_genes=args.min_genes, allow_normalized=args.allow_normalized)
+
+
+def _preprocess_one_file(args, data_path: str, out_path: str, reference, reference_name: str, table) -> dict:
+    """One input, in memory, into one .h5ad (the published path)."""
+    adata = read_input(data_path, transpose=args.transpose)
+    print(f"read {adata.n_obs} cells x {adata.n_vars} genes; revising against {table.source.split(';')[0]}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", PreprocessWarning)
+        out, summary = preprocess_adata(adata, reference, table=table, **_options(args), normalize=args.normalize,
+                                        target_sum=args.target_sum, log1p=args.log1p, log_base=args.log_base,
+                                        reference_name=reference_name)
+    _report_warnings(caught)
+    out.uns[PREPROCESS_UNS_KEY]["params"]["input"] = os.path.abspath(data_path)
+    write_h5ad_atomic(out, out_path)
+    print(format_summary(summary))
+    print(f"wrote {out_path}: {out.n_obs} cells x {out.n_vars} reference genes")
+    return summary
+
+
+def _preprocess_streaming(args, paths: list[str], out_path: str, reference, reference_name: str, table) -> dict:
+    """Several inputs, or a shard folder: every input in row blocks (`stream_preprocess`)."""
+    from shards import ShardWriter
+
+    _check_options(reference, args.min_genes, args.normalize, args.target_sum, args.log1p, args.log_base)
+    params = preprocess_params(target_sum=args.target_sum, normalize=args.normalize, log_base=args.log_base,
+                               log1p=args.log1p, min_genes=args.min_genes, reference_name=reference_name,
+                               n_ref=len(reference), table=table, duplicates=args.duplicates,
+                               counts_source=args.counts_from, var_column=args.var_column, id_column=args.id_column,
+                               allow_normalized=args.allow_normalized)
+    params["input"] = json.dumps([os.path.abspath(p) for p in paths]) if len(paths) > 1 else os.path.abspath(paths[0])
+    shards = args.out_format == "shards"
+    sink = (ShardWriter(out_path, reference, kind="scbert", params=params, cells_per_shard=args.cells_per_shard)
+            if shards else H5adSink())
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", PreprocessWarning)
+            summary, in_input = stream_preprocess(
+                paths, reference, sink, table=table, transpose=args.transpose, block_cells=args.block_cells,
+                **_options(args), target_sum=args.target_sum if args.normalize else None,
+                log_base=args.log_base if args.log1p else None)
+    except BaseException:
+        if shards:
+            sink.abort()
+        raise
+    _report_warnings(caught)
+    if shards:
+        manifest = sink.close(summary, overwrite=args.overwrite)
+        what = f"{manifest['n_cells']} cells in {len(manifest['shards'])} shards, {manifest['nnz']} stored values"
+    else:
+        out = sink.adata(reference, in_input)
+        out.uns[PREPROCESS_UNS_KEY] = {"params": params, "summary": summary}
+        write_h5ad_atomic(out, out_path)
+        what = f"{out.n_obs} cells"
+    print(format_summary(summary) if "genes_in" in summary else
+          f"cells: {summary['cells_in']} in, {summary['cells_removed']} removed, {summary['cells_out']} out")
+    print(f"wrote {out_path}: {what} x {len(reference)} reference genes")
+    return summary
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
-    """Preprocess one input file; writes the output .h5ad and prints the summary. Returns the summary."""
+    """Preprocess the inputs; writes the output (.h5ad or shard folder) and prints the summary. Returns it."""
     recipe = argparse.ArgumentParser(add_help=False)
     recipe.add_argument("--recipe", default="scbert")
     if recipe.parse_known_args(argv)[0].recipe == "scgpt":
@@ -901,45 +1216,26 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
         return scgpt_main(argv)
     args = get_args_parser().parse_args(argv)
-    out_path = args.out_path or default_out_path(args.data_path)
-    input_kind(args.data_path)
-    check_out_path(args.data_path, out_path, args.overwrite)
+    check_positive_sizes(args)
+    shards = args.out_format == "shards"
+    paths = input_paths(args.data_path)
+    out_path = args.out_path or default_out_path(args.data_path[0], shards=shards)
+    for path in args.data_path:
+        check_out_path(path, out_path, args.overwrite, shards=shards)
     reference = read_reference_genes(args.ref)
     reference_name = args.ref if args.ref else f"default: {os.path.basename(DEFAULT_REFERENCE)}"
     table = load_gene_table(args.gene_info)
-    print(
-        f"reading {args.data_path} ({input_kind(args.data_path)}); reference: {reference_name} ({len(reference)} genes)"
-    )
-    adata = read_input(args.data_path, transpose=args.transpose)
-    print(f"read {adata.n_obs} cells x {adata.n_vars} genes; revising against {table.source.split(';')[0]}")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", PreprocessWarning)
-        out, summary = preprocess_adata(
-            adata,
-            reference,
-            table=table,
-            counts_from=args.counts_from,
-            var_column=args.var_column,
-            id_column=args.id_column,
-            duplicates=args.duplicates,
-            min_genes=args.min_genes,
-            normalize=args.normalize,
-            target_sum=args.target_sum,
-            log1p=args.log1p,
-            log_base=args.log_base,
-            allow_normalized=args.allow_normalized,
-            reference_name=reference_name,
-        )
-    for warning in caught:
-        if issubclass(warning.category, PreprocessWarning):
-            print(f"warning: {warning.message}", file=sys.stderr)
-        else:
-            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
-    out.uns[PREPROCESS_UNS_KEY]["params"]["input"] = os.path.abspath(args.data_path)
-    write_h5ad_atomic(out, out_path)
-    print(format_summary(summary))
-    print(f"wrote {out_path}: {out.n_obs} cells x {out.n_vars} reference genes")
-    return summary
+    what = input_kind(paths[0]) if len(paths) == 1 else f"{len(paths)} inputs"
+    print(f"reading {', '.join(args.data_path)} ({what}); reference: {reference_name} ({len(reference)} genes)")
+    if len(paths) == 1 and not shards:
+        return _preprocess_one_file(args, paths[0], out_path, reference, reference_name, table)
+    return _preprocess_streaming(args, paths, out_path, reference, reference_name, table)
+
+
+def check_positive_sizes(args: argparse.Namespace) -> None:
+    for flag in ("cells_per_shard", "block_cells"):
+        if getattr(args, flag, 1) < 1:
+            raise ScbertError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -72,6 +73,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     group.add_argument("--model_path", type=str, default=None,
                        help="start from this checkpoint's weights and architecture (continued pretraining); the "
                             "model-size flags are then taken from the checkpoint")
+    group.add_argument("--valid_cells", type=int, default=None,
+                       help="validate on at most this many of the held-out cells, a fixed seeded subsample (the rest "
+                            "stay held out), so validating a million-cell corpus takes minutes; default: all 5%%")
     add_transformer_flags(parser)
     parser.set_defaults(model_name="panglao_pretrain")
     return parser
@@ -139,20 +143,33 @@ def _pretrain(args: argparse.Namespace, ctx) -> list[dict[str, Any]]:
             check_model_flags(args, model.config, resume_path)
         return model
 
-    train_idx, valid_idx = split_indices(adata.n_obs, VALID_SIZE, args.seed)
+    train_idx, valid_idx = validation_subsample(*split_indices(adata.n_obs, VALID_SIZE, args.seed), args)
     train_set = CellDataset(adata.X, bin_num=args.bin_num, indices=train_idx)
     valid_set = CellDataset(adata.X, bin_num=args.bin_num, indices=valid_idx)
     run = start_run(args, ctx, make_model=make_model, genes=genes, train_set=train_set, valid_set=valid_set,
                     resume_path=resume_path, clip_norm=GRAD_CLIP)
     n_params = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
     print0(f"pretraining on {ctx.device} x {ctx.world_size}: {len(train_set)} train / {len(valid_set)} valid cells, "
-           f"{len(genes)} genes, {n_params:,} trainable parameters, epochs {run.start_epoch}..{args.epoch}", ctx=ctx)
+           f"{len(genes)} genes, {n_params:,} trainable parameters, " + (
+               f"optimiser steps {run.position.step + 1}..{args.max_steps}" if args.max_steps
+               else f"epochs {run.start_epoch}..{args.epoch}"), ctx=ctx)
     loss_options = dict(mask_prob=args.mask_prob, replace_prob=args.replace_prob, bin_num=args.bin_num)
     records = fit(run, functools.partial(masked_lm_loss, **loss_options), _valid_step(args, ctx, loss_options),
                   train_summary=_train_summary, valid_summary=_valid_summary, line=_epoch_line)
     print0(f"checkpoints in {os.path.abspath(args.ckpt_dir)}, log {os.path.abspath(resolve_log_path(args))}",
            ctx=ctx)
     return records
+
+
+def validation_subsample(train_idx, valid_idx, args: argparse.Namespace):
+    """(train, valid) with valid cut to `--valid_cells` cells drawn once from the seed (the same every epoch, rank
+    and resume); the cells left out are not trained on either."""
+    limit = getattr(args, "valid_cells", None)
+    if limit is not None and limit < 1:
+        raise ScbertError(f"--valid_cells must be at least 1 (or left out), got {limit}")
+    if limit is None or len(valid_idx) <= limit:
+        return train_idx, valid_idx
+    return train_idx, np.sort(np.random.default_rng(args.seed).choice(valid_idx, limit, replace=False))
 
 
 def _train_summary(train: dict[str, Any]) -> dict[str, Any]:

@@ -5,8 +5,10 @@ A run's state is the model plus a mapping of named stateful objects (anything wi
 `<name>_state_dict` (so the reference's `optimizer_state_dict` and `scheduler_state_dict` keep their names) with every
 rank's random state, and restored from there: a new kind of run adds an object, not a new checkpoint field.
 
-- `epoch_checkpoint_path`, `named_checkpoint_path`; `save_training_checkpoint` (called on every rank; rank 0 writes
-  atomically); `find_latest_checkpoint`, `resolve_resume`, `restore_training_state`.
+- `epoch_checkpoint_path`, `named_checkpoint_path`, `step_checkpoint_path` (mid-epoch); `save_training_checkpoint`
+  (called on every rank; rank 0 writes atomically); `find_latest_checkpoint`, `resolve_resume` (rank 0 decides,
+  every rank must see the file), `restore_training_state`, `remove_older_step_checkpoints`.
+- `RunPosition`: the epoch, batch and optimiser step a checkpoint was taken at (mid-epoch resume).
 - `RunSettings`: settings a resumed run must share with the saved one (refuses a resume that changed them).
 - `JsonlLogger`: one JSON line per epoch, rank 0 only.
 """
@@ -34,14 +36,17 @@ from utils import ScbertError
 
 __all__ = [
     "JsonlLogger",
+    "RunPosition",
     "RunSettings",
     "epoch_checkpoint_path",
     "find_latest_checkpoint",
     "named_checkpoint_path",
     "refuse_fresh_over",
+    "remove_older_step_checkpoints",
     "resolve_resume",
     "restore_training_state",
     "save_training_checkpoint",
+    "step_checkpoint_path",
 ]
 
 
@@ -146,37 +151,63 @@ class RunSettings:
 
 
 _EPOCH_FILE = re.compile(r"^(?P<name>.+)_(?P<epoch>\d+)\.pth$")
+_STEP_FILE = re.compile(r"^(?P<name>.+)_epoch(?P<epoch>\d+)_step(?P<step>\d+)\.pth$")
 
 
-def find_latest_checkpoint(ckpt_dir: str, model_name: str) -> tuple[str, int] | None:
-    """(path, epoch) of the highest-epoch `<model_name>_<epoch>.pth` in ckpt_dir that reads as a checkpoint, or None.
+def step_checkpoint_path(ckpt_dir: str, model_name: str, epoch: int, step: int) -> str:
+    """`<ckpt_dir>/<model_name>_epoch<epoch>_step<step>.pth`: a mid-epoch checkpoint (`--save_every_steps`) taken in
+    epoch `epoch` (not complete) after `step` optimiser steps of the whole run."""
+    return os.path.join(ckpt_dir, f"{model_name}_epoch{epoch}_step{step}.pth")
 
-    Files that do not read (e.g. truncated by a copy) are skipped with a warning; our own writes are atomic, so a
-    killed run never leaves one.
-    """
+
+def _run_checkpoints(ckpt_dir: str, model_name: str) -> list[tuple[tuple[int, int, int], str]]:
+    """(order key, path) of the run's epoch and mid-epoch checkpoints; the key sorts them in training order: epoch E
+    complete is (E, 0, 0), a mid-epoch one of epoch E at step S is (E - 1, 1, S)."""
     if not os.path.isdir(ckpt_dir):
-        return None
+        return []
     found = []
     for name in os.listdir(ckpt_dir):
         match = _EPOCH_FILE.match(name)
         if match and match.group("name") == model_name:
-            found.append((int(match.group("epoch")), os.path.join(ckpt_dir, name)))
-    for epoch, path in sorted(found, reverse=True):
+            found.append(((int(match.group("epoch")), 0, 0), os.path.join(ckpt_dir, name)))
+            continue
+        match = _STEP_FILE.match(name)
+        if match and match.group("name") == model_name:
+            key = (int(match.group("epoch")) - 1, 1, int(match.group("step")))
+            found.append((key, os.path.join(ckpt_dir, name)))
+    return sorted(found)
+
+
+def find_latest_checkpoint(ckpt_dir: str, model_name: str) -> tuple[str, int] | None:
+    """(path, complete epochs) of the latest checkpoint of `model_name` in ckpt_dir that reads as a checkpoint: the
+    highest `<model_name>_<epoch>.pth`, or a mid-epoch `<model_name>_epoch<E>_step<S>.pth` written after it; None
+    when there is none.
+
+    Files that do not read (e.g. truncated by a copy) are skipped with a warning; our own writes are atomic, so a
+    killed run never leaves one.
+    """
+    for key, path in reversed(_run_checkpoints(ckpt_dir, model_name)):
         try:
             read_checkpoint_file(path)
         except CheckpointError as err:
             print(f"warning: skipping unreadable checkpoint {path!r}: {err}", file=sys.stderr)
             continue
-        return path, epoch
+        return path, key[0]
     return None
 
 
-def resolve_resume(args: argparse.Namespace) -> str | None:
-    """The checkpoint to resume from under `--resume` (None/True/False), or None to start fresh.
+def remove_older_step_checkpoints(ckpt_dir: str, model_name: str, newest: str) -> None:
+    """Delete the run's mid-epoch checkpoints older than `newest` (complete on disk), so only the latest is kept."""
+    keys = dict((path, key) for key, path in _run_checkpoints(ckpt_dir, model_name))
+    limit = keys.get(newest)
+    if limit is None:
+        return
+    for path, key in keys.items():
+        if key[1] == 1 and key < limit and os.path.exists(path):
+            os.remove(path)
 
-    None (default): the latest epoch checkpoint of `--model_name` when one exists. True: that checkpoint, an error
-    if there is none. False: start fresh, an error if epoch checkpoints of this name exist (they would be overwritten).
-    """
+
+def _decide_resume(args: argparse.Namespace) -> str | None:
     latest = find_latest_checkpoint(args.ckpt_dir, args.model_name)
     if args.resume is None:
         return latest[0] if latest else None
@@ -193,6 +224,68 @@ def resolve_resume(args: argparse.Namespace) -> str | None:
             "--model_name or --ckpt_dir, move the old checkpoints away, or drop --resume to continue that run"
         )
     return None
+
+
+def resolve_resume(args: argparse.Namespace) -> str | None:
+    """The checkpoint to resume from under `--resume` (None/True/False), or None to start fresh.
+
+    None (default): the latest checkpoint of `--model_name` (epoch or mid-epoch) when one exists. True: that
+    checkpoint, an error if there is none. False: start fresh, an error if checkpoints of this name exist (they
+    would be overwritten). Under a launcher, rank 0 decides and tells the others, so every rank resumes the same
+    file or none; a rank that cannot read that file (a checkpoint folder not shared between nodes) stops every rank
+    with one sentence instead of starting fresh while the others resume.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return _decide_resume(args)
+    decision: list[Any] = [None, None]
+    if dist.get_rank() == 0:
+        try:
+            decision = [_decide_resume(args), None]
+        except ScbertError as err:
+            decision = [None, str(err)]
+    dist.broadcast_object_list(decision, src=0)
+    path, error = decision
+    if error:
+        raise ScbertError(error)
+    visible: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(visible, path is None or os.path.isfile(path))
+    blind = [rank for rank, ok in enumerate(visible) if not ok]
+    if blind:
+        raise ScbertError(
+            f"rank {blind[0]} cannot see {path!r}, the checkpoint rank 0 resumes from: put --ckpt_dir on storage "
+            "that every node mounts at the same path (or copy the folder to each node) and rerun"
+        )
+    return path
+
+
+class RunPosition:
+    """Where the run stands, saved with every checkpoint: the epoch in progress, the micro-batches of it already
+    trained (`batches`; 0 at an epoch's end), optimiser steps of the whole run (`step`) and whether the checkpoint
+    was taken mid-epoch. A resumed run continues at the next unseen batch of that epoch."""
+
+    def __init__(self, batch_size: int = 0, world_size: int = 1):
+        self.epoch, self.batches, self.step, self.mid_epoch = 0, 0, 0, False
+        self.batch_size, self.world_size = int(batch_size), int(world_size)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {"epoch": self.epoch, "batches": self.batches, "step": self.step, "mid_epoch": self.mid_epoch}
+        if self.mid_epoch:  # what the position means: batches of this size on this many ranks
+            state.update(batch_size=self.batch_size, world_size=self.world_size)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        mid_epoch = bool(state["mid_epoch"])
+        saved = (int(state.get("batch_size", self.batch_size)), int(state.get("world_size", self.world_size)))
+        if mid_epoch and saved != (self.batch_size, self.world_size):
+            raise ScbertError(
+                f"cannot resume mid-epoch with --batch_size {self.batch_size} on {self.world_size} processes: that "
+                f"run used --batch_size {saved[0]} on {saved[1]}, so its position in the epoch means other cells; "
+                "rerun with those, or pass another --model_name"
+            )
+        self.epoch, self.batches = int(state["epoch"]), int(state["batches"])
+        self.step, self.mid_epoch = int(state["step"]), mid_epoch
 
 
 def restore_training_state(

@@ -57,29 +57,8 @@ def _align(x: sp.csr_matrix, names: Sequence[str], genes: Sequence[str]) -> tupl
     return sp.csr_matrix(x @ mapping), len(source)
 
 
-def preprocess_scgpt(
-    adata: ad.AnnData,
-    *,
-    n_hvg: int = 1200,
-    hvg_batch_key: str | None = "donor_id",
-    span: float = 1.0,
-    n_bins: int = 51,
-    target_sum: float = 1e4,
-    seed: int = 0,
-    genes: Sequence[str] | None = None,
-    counts_layer: str | None = None,
-) -> ad.AnnData:
-    """Counts in `adata.X` (or `adata.layers[counts_layer]`) -> the transformer's input; `adata` is not modified.
-
-    genes: a vocabulary's genes (from a transformer checkpoint): use them in their order instead of choosing HVGs.
-    Returns a new AnnData: X = CSR int8 bins (0 for zeros, 1..n_bins-1 otherwise), layers["X_log1p"] = CSR float32
-    log1p(CP10K), obs = the kept cells' obs, var = the kept genes (with scanpy's HVG columns when chosen here),
-    uns["scgpt_preprocess"] = {"params": ..., "summary": {cells_in, cells_out, genes_in, genes_out, ...},
-    "bin_edges": (cells_out, n_bins - 1) float32, row i the edges of cell i}.
-    Raises ScbertError for binned or non-count input, a missing batch column, or fewer genes than n_hvg.
-    """
-    import scanpy as sc
-
+def _checked_counts(adata: ad.AnnData, counts_layer: str | None, n_bins: int, genes, hvg_batch_key):
+    """(CSR float32 counts, where they came from), refused with one sentence when they are not raw counts."""
     if SCGPT_UNS_KEY in adata.uns:
         raise ScbertError(
             f"the input is already binned (it has uns[{SCGPT_UNS_KEY!r}]): pass the raw counts it was made from"
@@ -104,7 +83,77 @@ def preprocess_scgpt(
         )
     if not 2 <= n_bins <= 128:
         raise ScbertError(f"--n_bins {n_bins} is outside 2..128: the recipe uses 51")
+    return counts, where
 
+
+def _hvg_genes(work: ad.AnnData, n_hvg: int, hvg_batch_key: str | None, span: float) -> ad.AnnData:
+    """scanpy's seurat_v3 HVGs on the counts, subset in place; errors made one sentence."""
+    import scanpy as sc
+
+    if work.n_vars < n_hvg:
+        raise ScbertError(
+            f"only {work.n_vars} genes have counts, fewer than --n_hvg {n_hvg}: lower --n_hvg or pass more genes"
+        )
+    try:
+        sc.pp.highly_variable_genes(
+            work, n_top_genes=n_hvg, flavor="seurat_v3", batch_key=hvg_batch_key, span=span, subset=True
+        )
+    except ImportError as err:
+        raise ScbertError(
+            "highly variable genes with flavor seurat_v3 need the scikit-misc package: install requirements.txt"
+        ) from err
+    except (ValueError, ZeroDivisionError) as err:
+        raise ScbertError(
+            f"seurat_v3 highly variable genes failed ({err}); batches of one or two cells often cause this: drop "
+            f"them or pass a larger --hvg_span"
+        ) from err
+    return work
+
+
+def _vocabulary_genes(work: ad.AnnData, genes: Sequence[str]) -> tuple[ad.AnnData, int]:
+    genes = [str(g) for g in genes]
+    x, found = _align(work.X, work.var_names, genes)
+    if found == 0:
+        raise ScbertError(
+            f"none of the input's {work.n_vars} genes is in the vocabulary of {len(genes)} genes "
+            f"(e.g. {genes[:3]}): check that var_names hold gene symbols like the model's"
+        )
+    return ad.AnnData(X=x, obs=work.obs, var=pd.DataFrame(index=pd.Index(genes, dtype=object))), found
+
+
+def _normalise(x, target_sum: float) -> sp.csr_matrix:
+    """normalize_total(target_sum) then natural log1p, as CSR float32 (a copy)."""
+    normed = sp.csr_matrix(x, dtype=np.float32, copy=True)
+    totals = np.asarray(normed.sum(axis=1), dtype=np.float64).ravel()
+    normed = sp.csr_matrix(sp.diags((target_sum / totals).astype(np.float32)) @ normed)
+    normed.data = np.log1p(normed.data)
+    return normed
+
+
+def preprocess_scgpt(
+    adata: ad.AnnData,
+    *,
+    n_hvg: int = 1200,
+    hvg_batch_key: str | None = "donor_id",
+    span: float = 1.0,
+    n_bins: int = 51,
+    target_sum: float = 1e4,
+    seed: int = 0,
+    genes: Sequence[str] | None = None,
+    counts_layer: str | None = None,
+) -> ad.AnnData:
+    """Counts in `adata.X` (or `adata.layers[counts_layer]`) -> the transformer's input; `adata` is not modified.
+
+    genes: a vocabulary's genes (from a transformer checkpoint): use them in their order instead of choosing HVGs.
+    Returns a new AnnData: X = CSR int8 bins (0 for zeros, 1..n_bins-1 otherwise), layers["X_log1p"] = CSR float32
+    log1p(CP10K), obs = the kept cells' obs, var = the kept genes (with scanpy's HVG columns when chosen here),
+    uns["scgpt_preprocess"] = {"params": ..., "summary": {cells_in, cells_out, genes_in, genes_out, ...},
+    "bin_edges": (cells_out, n_bins - 1) float32, row i the edges of cell i}.
+    Raises ScbertError for binned or non-count input, a missing batch column, or fewer genes than n_hvg.
+    """
+    import scanpy as sc
+
+    counts, where = _checked_counts(adata, counts_layer, n_bins, genes, hvg_batch_key)
     work = ad.AnnData(X=counts, obs=adata.obs.copy(), var=pd.DataFrame(index=adata.var_names.astype(str)))
     cells_in, genes_in = work.n_obs, work.n_vars
     with warnings.catch_warnings():
@@ -112,70 +161,29 @@ def preprocess_scgpt(
         sc.pp.filter_genes(work, min_counts=1)
         sc.pp.filter_cells(work, min_counts=1)
     if genes is None:
-        if work.n_vars < n_hvg:
-            raise ScbertError(
-                f"only {work.n_vars} genes have counts, fewer than --n_hvg {n_hvg}: lower --n_hvg or pass more genes"
-            )
-        try:
-            sc.pp.highly_variable_genes(
-                work, n_top_genes=n_hvg, flavor="seurat_v3", batch_key=hvg_batch_key, span=span, subset=True
-            )
-        except ImportError as err:
-            raise ScbertError(
-                "highly variable genes with flavor seurat_v3 need the scikit-misc package: install requirements.txt"
-            ) from err
-        except (ValueError, ZeroDivisionError) as err:
-            raise ScbertError(
-                f"seurat_v3 highly variable genes failed ({err}); batches of one or two cells often cause this: drop "
-                f"them or pass a larger --hvg_span"
-            ) from err
-        gene_source = f"seurat_v3 HVGs, batch_key {hvg_batch_key}"
-        found = work.n_vars
+        work = _hvg_genes(work, n_hvg, hvg_batch_key, span)
+        gene_source, found = f"seurat_v3 HVGs, batch_key {hvg_batch_key}", work.n_vars
     else:
-        genes = [str(g) for g in genes]
-        x, found = _align(work.X, work.var_names, genes)
-        if found == 0:
-            raise ScbertError(
-                f"none of the input's {work.n_vars} genes is in the vocabulary of {len(genes)} genes "
-                f"(e.g. {genes[:3]}): check that var_names hold gene symbols like the model's"
-            )
-        work = ad.AnnData(X=x, obs=work.obs, var=pd.DataFrame(index=pd.Index(genes, dtype=object)))
+        work, found = _vocabulary_genes(work, genes)
         gene_source = f"vocabulary of {len(genes)} genes"
     cells_before = work.n_obs
     keep = np.flatnonzero(np.diff(sp.csr_matrix(work.X).indptr) > 0)
     if keep.size == 0:
         raise ScbertError("no cell has counts over the kept genes: check the gene names")
     work = work[keep].copy()
-
-    normed = sp.csr_matrix(work.X, dtype=np.float32, copy=True)
-    totals = np.asarray(normed.sum(axis=1), dtype=np.float64).ravel()
-    normed = sp.csr_matrix(sp.diags((target_sum / totals).astype(np.float32)) @ normed)
-    normed.data = np.log1p(normed.data)
+    normed = _normalise(work.X, target_sum)
     bins, edges = bin_cells(normed, n_bins=n_bins, seed=seed)
 
     out = ad.AnnData(X=bins, obs=work.obs.copy(), var=work.var.copy())
     out.layers[NORMALISED_LAYER] = normed
     out.uns[SCGPT_UNS_KEY] = {
-        "params": {
-            "recipe": "scgpt",
-            "n_hvg": int(n_hvg) if genes is None else 0,
-            "hvg_batch_key": hvg_batch_key or "",
-            "hvg_span": float(span),
-            "n_bins": int(n_bins),
-            "target_sum": float(target_sum),
-            "seed": int(seed),
-            "genes": gene_source,
-            "counts_from": where,
-        },
-        "summary": {
-            "cells_in": int(cells_in),
-            "cells_out": int(out.n_obs),
-            "cells_without_counts": int(cells_in - cells_before),
-            "cells_empty_over_genes": int(cells_before - out.n_obs),
-            "genes_in": int(genes_in),
-            "genes_out": int(out.n_vars),
-            "genes_found": int(found),
-        },
+        "params": {"recipe": "scgpt", "n_hvg": int(n_hvg) if genes is None else 0,
+                   "hvg_batch_key": hvg_batch_key or "", "hvg_span": float(span), "n_bins": int(n_bins),
+                   "target_sum": float(target_sum), "seed": int(seed), "genes": gene_source, "counts_from": where},
+        "summary": {"cells_in": int(cells_in), "cells_out": int(out.n_obs),
+                    "cells_without_counts": int(cells_in - cells_before),
+                    "cells_empty_over_genes": int(cells_before - out.n_obs), "genes_in": int(genes_in),
+                    "genes_out": int(out.n_vars), "genes_found": int(found)},
         "bin_edges": edges,
     }
     return out
@@ -215,7 +223,25 @@ def get_args_parser(add_help: bool = True):
     parser.add_argument("--counts_layer", default=None, help="layer holding the counts (default: X)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random spreading of tied values")
     parser.add_argument("--overwrite", type=str2bool, default=False, help="replace an existing --out_path")
+    parser.add_argument("--out_format", default="h5ad", choices=["h5ad", "shards"],
+                        help="h5ad, or shards: a folder of memory-mapped shards of the bins (shards.py); the HVG "
+                        "choice needs every cell, so this recipe holds the input in memory")
+    parser.add_argument("--cells_per_shard", type=int, default=65536, help="cells per shard of --out_format shards")
     return parser
+
+
+def write_scgpt_shards(out: ad.AnnData, folder: str, *, cells_per_shard: int, overwrite: bool = False) -> dict:
+    """The recipe's bins (X) and obs as a shard folder of kind "scgpt"; parameters and summary in the manifest."""
+    from shards import ShardWriter
+
+    uns = out.uns[SCGPT_UNS_KEY]
+    writer = ShardWriter(folder, out.var_names, kind="scgpt", params=dict(uns["params"]),
+                         cells_per_shard=cells_per_shard)
+    x = sp.csr_matrix(out.X)
+    for start in range(0, out.n_obs, cells_per_shard):
+        stop = min(start + cells_per_shard, out.n_obs)
+        writer.add(x[start:stop], out.obs.iloc[start:stop])
+    return writer.close({k: int(v) for k, v in uns["summary"].items()}, overwrite=overwrite)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -225,16 +251,21 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from preprocess import check_out_path, read_input, write_h5ad_atomic
 
     args = get_args_parser().parse_args(argv)
-    out_path = args.out_path or f"{os.path.splitext(os.path.normpath(args.data_path))[0]}_scgpt.h5ad"
-    check_out_path(args.data_path, out_path, args.overwrite)
+    shards = args.out_format == "shards"
+    stem = os.path.splitext(os.path.normpath(args.data_path))[0]
+    out_path = args.out_path or (f"{stem}_scgpt_shards" if shards else f"{stem}_scgpt.h5ad")
+    check_out_path(args.data_path, out_path, args.overwrite, shards=shards)
     genes = reference_genes(args.ref) if args.ref else None
     adata = read_input(args.data_path)
     batch_key = None if str(args.hvg_batch_key).lower() == "none" else args.hvg_batch_key
     out = preprocess_scgpt(adata, n_hvg=args.n_hvg, hvg_batch_key=batch_key, span=args.hvg_span, n_bins=args.n_bins,
                            seed=args.seed, genes=genes, counts_layer=args.counts_layer)
     out.uns[SCGPT_UNS_KEY]["params"]["input"] = os.path.abspath(args.data_path)
-    write_h5ad_atomic(out, out_path)
     summary = dict(out.uns[SCGPT_UNS_KEY]["summary"])
+    if shards:
+        write_scgpt_shards(out, out_path, cells_per_shard=args.cells_per_shard, overwrite=args.overwrite)
+    else:
+        write_h5ad_atomic(out, out_path)
     print(f"wrote {out_path}: {out.n_obs} cells x {out.n_vars} genes ({summary['genes_found']} found), bins "
           f"1..{args.n_bins - 1} in X, log1p(CP10K) in layers[{NORMALISED_LAYER!r}]")
     return summary

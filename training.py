@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import os
 import sys
 import time
@@ -68,13 +69,16 @@ from performer_pytorch import load_checkpoint
 from performer_pytorch.checkpoint import DEFAULT_MODEL_TYPE
 from run_state import (  # noqa: F401 - re-exported
     JsonlLogger,
+    RunPosition,
     RunSettings,
     epoch_checkpoint_path,
     find_latest_checkpoint,
     named_checkpoint_path,
+    remove_older_step_checkpoints,
     resolve_resume,
     restore_training_state,
     save_training_checkpoint,
+    step_checkpoint_path,
 )
 from utils import ScbertError, str2bool
 
@@ -109,7 +113,8 @@ def get_common_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(add_help=False)
     data = parser.add_argument_group("data")
     data.add_argument("--data_path", type=str, default=None,
-                      help="preprocessed .h5ad written by preprocess.py (CSR log2(1 + CP10K) over the model's genes)")
+                      help="preprocessed .h5ad written by preprocess.py (CSR log2(1 + CP10K) over the model's genes), "
+                           "or a shard folder from preprocess.py --out_format shards (memory-mapped: large corpora)")
     data.add_argument("--bin_num", type=int, default=5,
                       help="expression bins: token = min(floor(v), bin_num); the mask/pad token is bin_num + 1 "
                            "(published: 5 and 6)")
@@ -134,6 +139,12 @@ def get_common_parser() -> argparse.ArgumentParser:
                      help="steps of gradient accumulation per optimiser step (effective batch = batch_size * "
                           "grad_acc * ranks); use 1-4 for small data")
     run.add_argument("--valid_every", type=int, default=1, help="validate every this many epochs")
+    run.add_argument("--max_steps", type=int, default=None,
+                     help="optimiser steps of the whole run (counted across resumes), overriding --epoch: the run "
+                          "stops there, mid-epoch if need be, with a checkpoint; for corpora where an epoch is hours")
+    run.add_argument("--save_every_steps", type=int, default=None,
+                     help="also save <model_name>_epoch<E>_step<S>.pth every this many optimiser steps (only the "
+                          "latest is kept), so a killed run resumes mid-epoch at the next unseen batch")
     run.add_argument("--resume", type=str2bool, default=None,
                      help="True: continue from the last complete epoch checkpoint of --model_name in --ckpt_dir; "
                           "False: start fresh (refused if such checkpoints exist, so none is overwritten); "
@@ -250,6 +261,8 @@ def train_one_epoch(
     amp: Amp | None = None,
     last_good: str | None = None,
     desc: str = "train",
+    start_batch: int = 0,
+    on_step: Callable[[int], bool] | None = None,
 ) -> dict[str, float]:
     """One pass over `loader` with gradient accumulation; returns metrics summed/averaged over all ranks.
 
@@ -258,6 +271,9 @@ def train_one_epoch(
     Every `grad_acc` micro-steps (and at the end of the epoch, for a partial accumulation) the gradients are
     all-reduced (DDP `no_sync()` on the other micro-steps), clipped to `clip_norm`, stepped and zeroed. With
     `divide_by_grad_acc`, each micro-step's loss is divided by grad_acc before backward.
+    start_batch: micro-batches of this epoch trained before a mid-epoch resume (the loader's sampler already skips
+    them), so accumulation boundaries fall where they did. on_step(batches done in the epoch) runs after every
+    optimiser step (mid-epoch checkpoints) and returns True to end the epoch there (`--max_steps`).
     A non-finite loss or gradient norm raises `NonFiniteLossError` (on every rank together), naming the epoch and step
     and `last_good`, the checkpoint that is kept.
     Returns {"loss": mean loss per step, "cells": cells seen (all ranks), "steps", "time", "cells_per_s",
@@ -270,42 +286,29 @@ def train_one_epoch(
     parameters = [p for p in model.parameters() if p.requires_grad]
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    n_steps = len(loader)
+    n_steps = start_batch + len(loader)  # micro-batches of the whole epoch
     totals: dict[str, Any] = {}
     loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
-    cells = 0
+    cells = done = 0
     bad_step: int | None = None
     start = time.perf_counter()
-    bar = tqdm(total=n_steps, desc=f"epoch {epoch} {desc}", disable=not ctx.is_main, dynamic_ncols=True,
-               mininterval=1.0, leave=False, file=sys.stderr)
-    keep = f"; the last good checkpoint {last_good!r} is kept" if last_good else "; earlier checkpoints are kept"
-    hint = "lower --learning_rate, or use --amp none if mixed precision is on"
+    bar = tqdm(total=n_steps, initial=start_batch, desc=f"epoch {epoch} {desc}", disable=not ctx.is_main,
+               dynamic_ncols=True, mininterval=1.0, leave=False, file=sys.stderr)
+    failure = _failure_message(epoch, last_good)
     try:
-        for step, batch in enumerate(loader):
+        for step, batch in enumerate(_epoch_batches(loader, resumed=start_batch > 0), start=start_batch):
             batch = to_device(batch, ctx.device)
             sync_now = (step + 1) % grad_acc == 0 or step + 1 == n_steps
-            no_sync = ctx.distributed and not sync_now and hasattr(model, "no_sync")
-            with model.no_sync() if no_sync else contextlib.nullcontext():
-                with amp.autocast():
-                    loss, stats = loss_fn(model, batch)
-                finite = bool(torch.isfinite(loss.detach()))
-                bad_step = _first_bad_step(bad_step, finite, step, sync_now, ctx)
-                if bad_step is not None and (sync_now or not ctx.distributed):
-                    raise NonFiniteLossError(
-                        f"the training loss became non-finite at epoch {epoch}, step {bad_step}; the run stopped"
-                        f"{keep}: {hint}"
-                    )
-                if finite:
-                    amp.backward(loss / grad_acc if divide_by_grad_acc else loss)
+            divisor = grad_acc if divide_by_grad_acc else None
+            loss, stats, bad_step = _micro_step(model, batch, loss_fn, amp=amp, ctx=ctx, step=step, sync_now=sync_now,
+                                                bad_step=bad_step, divisor=divisor, failure=failure)
             if sync_now:
                 norm = amp.step(optimizer, parameters, clip_norm)
                 optimizer.zero_grad(set_to_none=True)
                 if amp.scaler is None and clip_norm is not None and not bool(torch.isfinite(norm)):
-                    raise NonFiniteLossError(
-                        f"the gradient norm became non-finite at epoch {epoch}, step {step + 1}; the run stopped"
-                        f"{keep}: {hint}"
-                    )
+                    raise NonFiniteLossError(failure("the gradient norm", step + 1))
             cells += batch_cells(batch)
+            done += 1
             loss_sum += loss.detach().double()
             _accumulate(totals, stats)
             if ctx.is_main:
@@ -313,11 +316,46 @@ def train_one_epoch(
                 bar.set_postfix(loss=f"{float(loss.detach()):.4f}", cells_s=f"{cells * ctx.world_size / elapsed:.1f}",
                                 refresh=False)
                 bar.update(1)
+            if sync_now and on_step is not None and on_step(step + 1):
+                break
     finally:
         bar.close()
     # The loop's own totals travel under names a loss_fn's stats cannot take.
-    return _epoch_totals({"__loss": loss_sum, "__steps": n_steps, "__cells": cells, **totals}, ctx,
+    return _epoch_totals({"__loss": loss_sum, "__steps": done, "__cells": cells, **totals}, ctx,
                          time.perf_counter() - start)
+
+
+def _failure_message(epoch: int, last_good: str | None) -> Callable[[str, int], str]:
+    keep = f"; the last good checkpoint {last_good!r} is kept" if last_good else "; earlier checkpoints are kept"
+    hint = "lower --learning_rate, or use --amp none if mixed precision is on"
+    return lambda what, step: f"{what} became non-finite at epoch {epoch}, step {step}; the run stopped{keep}: {hint}"
+
+
+def _epoch_batches(loader: DataLoader, *, resumed: bool):
+    """The loader's iterator. Making it draws a base seed from torch's global generator; a run resumed mid-epoch has
+    that generator restored from after the draw, so the draw is undone to keep masks and dropout on course."""
+    if not resumed:
+        return iter(loader)
+    state = torch.get_rng_state()
+    iterator = iter(loader)
+    torch.set_rng_state(state)
+    return iterator
+
+
+def _micro_step(model, batch, loss_fn, *, amp: Amp, ctx: DistContext, step: int, sync_now: bool,
+                bad_step: int | None, divisor: int | None, failure) -> tuple[torch.Tensor, dict[str, Any], int | None]:
+    """Forward and backward of one micro-batch (DDP `no_sync()` unless gradients are all-reduced now)."""
+    no_sync = ctx.distributed and not sync_now and hasattr(model, "no_sync")
+    with model.no_sync() if no_sync else contextlib.nullcontext():
+        with amp.autocast():
+            loss, stats = loss_fn(model, batch)
+        finite = bool(torch.isfinite(loss.detach()))
+        bad_step = _first_bad_step(bad_step, finite, step, sync_now, ctx)
+        if bad_step is not None and (sync_now or not ctx.distributed):
+            raise NonFiniteLossError(failure("the training loss", bad_step))
+        if finite:
+            amp.backward(loss / divisor if divisor is not None else loss)
+    return loss, stats, bad_step
 
 
 def _first_bad_step(bad_step: int | None, finite: bool, step: int, sync_now: bool, ctx: DistContext) -> int | None:
@@ -416,6 +454,14 @@ def evaluate(
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def check_step_flags(args: argparse.Namespace) -> None:
+    """--max_steps and --save_every_steps, when given, must be at least 1."""
+    for flag in ("max_steps", "save_every_steps"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            raise ScbertError(f"--{flag} must be at least 1 (or left out), got {value}")
+
+
 def check_positive(args: argparse.Namespace, *flags: str) -> None:
     """Each named integer flag must be at least 1."""
     for flag in flags:
@@ -443,6 +489,11 @@ class Run:
     divide_by_grad_acc: bool = True
     start_epoch: int = 1
     resumed_from: str | None = None
+
+    @property
+    def position(self) -> RunPosition:
+        """Where the run stands (epoch, batch, optimiser step), saved with every checkpoint as "position"."""
+        return self.state["position"]
 
     @property
     def core(self) -> torch.nn.Module:
@@ -473,6 +524,7 @@ def start_run(
     schedule (or `make_scheduler(optimizer)`, stepped once per epoch), `--amp`. Training loader: `sampler`, else a
     shuffling DistributedSampler; validation: every cell once.
     """
+    check_step_flags(args)
     amp = Amp(args.amp, ctx.device)
     torch.manual_seed(args.seed)
     model = make_model()
@@ -487,7 +539,8 @@ def start_run(
     scheduler = make_scheduler(optimizer) if make_scheduler else build_scheduler(optimizer, args.learning_rate)
     run = Run(args=args, ctx=ctx, model=model, optimizer=optimizer, scheduler=scheduler, amp=amp, genes=list(genes),
               classes=list(classes) if classes is not None else None,
-              state=dict(state or {}), clip_norm=clip_norm, divide_by_grad_acc=divide_by_grad_acc,
+              state={**(state or {}), "position": RunPosition(args.batch_size, ctx.world_size)}, clip_norm=clip_norm,
+              divide_by_grad_acc=divide_by_grad_acc,
               train_loader=build_loader(train_set, batch_size=args.batch_size, ctx=ctx, train=True, seed=args.seed,
                                         num_workers=args.num_workers, sampler=sampler),
               valid_loader=build_loader(valid_set, batch_size=args.batch_size, ctx=ctx, train=False,
@@ -496,8 +549,10 @@ def start_run(
         payload = restore_training_state(resume_path, model=model, ctx=ctx, genes=genes, optimizer=optimizer,
                                          scheduler=run.scheduler, amp=amp, state=run.state)
         run.start_epoch, run.resumed_from = int(payload["epoch"]) + 1, resume_path
-        print0(f"resuming from {resume_path} (epoch {payload['epoch']} complete); next epoch {run.start_epoch}",
-               ctx=ctx)
+        where = (f"next epoch {run.start_epoch} from batch {run.position.batches + 1}" if run.position.mid_epoch
+                 else f"next epoch {run.start_epoch}")
+        print0(f"resuming from {resume_path} (epoch {payload['epoch']} complete, optimiser step "
+               f"{run.position.step}); {where}", ctx=ctx)
     return run
 
 
@@ -513,8 +568,11 @@ def fit(
     after_save: Callable[[dict[str, Any]], None] | None = None,
     keep_epoch_ckpts: bool = True,
 ) -> list[dict[str, Any]]:
-    """Epochs `run.start_epoch..--epoch`: train, validate every `--valid_every` (and at the last epoch), step the
-    schedule, save `<model_name>_<epoch>.pth` with every stateful object, log a JSON line, print a line.
+    """Epochs `run.start_epoch..--epoch` (with `--max_steps`: until that many optimiser steps): train, validate every
+    `--valid_every` (and at the last epoch), step the schedule, save `<model_name>_<epoch>.pth` with every stateful
+    object, log a JSON line, print a line. `--save_every_steps K` also saves a mid-epoch checkpoint every K optimiser
+    steps (`run_state.step_checkpoint_path`, only the latest kept); a run resumed from one continues at the next
+    unseen batch. A run that reaches `--max_steps` mid-epoch saves such a checkpoint, validates and stops.
 
     loss_fn(model, batch) -> (loss, additive stats), called on the (possibly DDP-wrapped) model; valid_fn(model,
     batch) -> dict gathered by `evaluate`. train_summary(totals) and valid_summary(gathered, epoch) turn them into
@@ -522,30 +580,43 @@ def fit(
     after_save(record) runs once the epoch checkpoint is on disk (e.g. to write the best model). Without
     keep_epoch_ckpts only the latest epoch checkpoint, which resuming needs, is kept.
     """
-    args, ctx = run.args, run.ctx
+    args, ctx, position = run.args, run.ctx, run.position
     logger = JsonlLogger(resolve_log_path(args), ctx)
     records: list[dict[str, Any]] = []
     last_good = (epoch_checkpoint_path(args.ckpt_dir, args.model_name, run.start_epoch - 1)
                  if run.start_epoch > 1 else None)
-    for epoch in range(run.start_epoch, args.epoch + 1):
-        if stop_reason():
+    max_steps = getattr(args, "max_steps", None)
+    for epoch in itertools.count(run.start_epoch) if max_steps else range(run.start_epoch, args.epoch + 1):
+        if stop_reason() or (max_steps and position.step >= max_steps):
             break
-        set_loader_epoch(run.train_loader, epoch)
+        start_batch = position.batches if position.mid_epoch and position.epoch == epoch else 0
+        set_loader_epoch(run.train_loader, epoch, start=start_batch * args.batch_size)
+        epoch_batches = start_batch + len(run.train_loader)
         record: dict[str, Any] = {"epoch": epoch, "lr": run.scheduler.get_last_lr()[0]}
         train = train_one_epoch(run.model, run.train_loader, run.optimizer, loss_fn, ctx=ctx, epoch=epoch,
                                 grad_acc=args.grad_acc, clip_norm=run.clip_norm,
-                                divide_by_grad_acc=run.divide_by_grad_acc, amp=run.amp, last_good=last_good)
+                                divide_by_grad_acc=run.divide_by_grad_acc, amp=run.amp, last_good=last_good,
+                                start_batch=start_batch, on_step=_step_hook(run, epoch, epoch_batches))
         record.update(train_summary(train))
-        if epoch % args.valid_every == 0 or epoch == args.epoch:
+        stopped = position.batches < epoch_batches  # --max_steps reached mid-epoch (its checkpoint is saved)
+        if (epoch % args.valid_every == 0 or epoch == args.epoch or stopped
+                or (max_steps and position.step >= max_steps)):
             record.update(valid_summary(evaluate(run.model, run.valid_loader, valid_fn, ctx=ctx, amp=run.amp), epoch))
+        record["step"] = position.step
+        if stopped:
+            if after_save is not None:
+                after_save(record)  # the mid-epoch checkpoint of this step is on disk (see _step_hook)
+            logger.log(record)
+            records.append(record)
+            print0(line(record) + f" | stopped after --max_steps {max_steps} at batch {position.batches}", ctx=ctx)
+            break
         run.scheduler.step()
+        position.epoch, position.batches, position.mid_epoch = epoch, 0, False
         # The epoch checkpoint first, then anything after_save writes: if the run is killed in between, the resumed
         # run finds this epoch complete with the same weights.
         path = epoch_checkpoint_path(args.ckpt_dir, args.model_name, epoch)
-        save_training_checkpoint(path, model=run.model, ctx=ctx, genes=run.genes, epoch=epoch,
-                                 optimizer=run.optimizer, scheduler=run.scheduler, amp=run.amp, state=run.state,
-                                 classes=run.classes, args=args, losses=train["loss"],
-                                 metrics={k: v for k, v in record.items() if isinstance(v, int | float)})
+        _save(run, path, epoch, losses=train["loss"], metrics={k: v for k, v in record.items()
+                                                              if isinstance(v, int | float)})
         if after_save is not None:
             after_save(record)
         if ctx.is_main and last_good and not keep_epoch_ckpts and os.path.exists(last_good):
@@ -559,3 +630,32 @@ def fit(
             print0(f"stopping: {reason}", ctx=ctx)
             break
     return records
+
+
+def _save(run: Run, path: str, epoch: int, **extra: Any) -> None:
+    """A checkpoint of the whole run state (every rank calls it); then older mid-epoch checkpoints are removed."""
+    args = run.args
+    save_training_checkpoint(path, model=run.model, ctx=run.ctx, genes=run.genes, epoch=epoch,
+                             optimizer=run.optimizer, scheduler=run.scheduler, amp=run.amp, state=run.state,
+                             classes=run.classes, args=args, **extra)
+    if run.ctx.is_main:
+        remove_older_step_checkpoints(args.ckpt_dir, args.model_name, path)
+
+
+def _step_hook(run: Run, epoch: int, epoch_batches: int) -> Callable[[int], bool]:
+    """What runs after each optimiser step: count it, save a mid-epoch checkpoint every --save_every_steps (and when
+    --max_steps ends the run mid-epoch); True once --max_steps steps are done."""
+    args, position = run.args, run.position
+    every, max_steps = getattr(args, "save_every_steps", None), getattr(args, "max_steps", None)
+
+    def on_step(batches: int) -> bool:
+        position.epoch, position.batches, position.mid_epoch = epoch, batches, True
+        position.step += 1
+        reached = bool(max_steps) and position.step >= max_steps
+        if batches < epoch_batches and ((every and position.step % every == 0) or reached):
+            # Taken before any validation, so the saved random state is the one the next batch would use.
+            path = step_checkpoint_path(args.ckpt_dir, args.model_name, epoch, position.step)
+            _save(run, path, epoch - 1)  # "epoch": the last complete one, as in an epoch checkpoint
+        return reached
+
+    return on_step

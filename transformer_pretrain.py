@@ -104,6 +104,8 @@ def pretrain_scheduler(args: argparse.Namespace, n_train: int, world_size: int):
         return step_lr
     batches = math.ceil(math.ceil(n_train / world_size) / args.batch_size)
     total = args.epoch * math.ceil(batches / max(1, args.grad_acc))
+    if getattr(args, "max_steps", None):
+        total = min(total, int(args.max_steps))  # --max_steps ends the run first
     if args.warmup <= 0:
         raise ScbertError(f"--warmup {args.warmup} must be positive: pass steps (scGPT: 10000) or a fraction below 1")
     warmup = int(round(args.warmup * total)) if args.warmup < 1 else int(args.warmup)
@@ -218,7 +220,8 @@ def pretrain_transformer(args: argparse.Namespace, ctx) -> list[dict[str, Any]]:
     vocab.max_seq_len = args.max_seq_len
     best_path = named_checkpoint_path(args.ckpt_dir, args.model_name, "best")
     refuse_fresh_over(best_path, resume_path)
-    train_idx, valid_idx = split_indices(adata.n_obs, VALID_SIZE, args.seed)
+    from pretrain import validation_subsample
+    train_idx, valid_idx = validation_subsample(*split_indices(adata.n_obs, VALID_SIZE, args.seed), args)
     best = BestValue()
     settings = RunSettings(repr(resume_path), dim=args.dim, depth=args.depth, heads=args.heads,
                            mask_ratio=str(args.mask_ratio), max_seq_len=args.max_seq_len,
