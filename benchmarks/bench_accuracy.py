@@ -18,7 +18,7 @@ Scores: accuracy and macro-F1 (over the 10 classes) of each fold's test cells, m
 (numpy's, ddof 0) over folds. Every script is called through its own `main([...])`, in `--workers` processes of one
 thread each (2 by default, one per core).
 
-    .venv/bin/python benchmarks/bench_accuracy.py                     # all variants, under 20 min on 2 free cores
+    .venv/bin/python benchmarks/bench_accuracy.py                     # zero, partners, none (about 17 min estimated)
     .venv/bin/python benchmarks/bench_accuracy.py --variants zero none --folds 2 --finetune_epochs 3   # a look
 """
 
@@ -58,12 +58,13 @@ ANCHOR = "issue 15's anchor for L1 logistic regression, C = 0.1, on these folds:
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
-                        help="gene2vec variants to compare (none: --pos_embed False, the floor)")
+    parser.add_argument("--variants", nargs="+", default=["zero", "partners", "none"], choices=list(VARIANTS),
+                        help="gene2vec variants to compare (none: --pos_embed False, the floor; random, threshold "
+                        "pairs plus random rows, is not in the default)")
     parser.add_argument("--folds", type=int, default=5, help="cross-validation folds (5)")
     parser.add_argument("--pretrain_epochs", type=int, default=4, help="pretraining epochs (the demo's 4)")
     parser.add_argument("--finetune_epochs", type=int, default=10,
-                        help="fine-tuning epochs (10, half the demo's 20, so that 4 variants x 5 folds fit in 20 "
+                        help="fine-tuning epochs (10, half the demo's 20, so that 3 variants x 5 folds fit in about 20 "
                         "minutes on 2 cores; the warm-up ends at epoch 5)")
     parser.add_argument("--workers", type=int, default=2, help="processes, one thread each (2: one per core)")
     parser.add_argument("--out_dir", default=None,
