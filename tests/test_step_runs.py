@@ -19,6 +19,10 @@ from shards import ShardWriter
 from tests.test_training import write_preprocessed
 from utils import ScbertError
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from bench_shards import _descendants  # noqa: E402  (the processes below a launcher, from /proc)
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--gene_num", "48", "--dim", "16", "--depth", "1", "--heads", "2", "--dim_head", "8", "--batch_size", "8",
         "--grad_acc", "2", "--learning_rate", "5e-2", "--model_name", "k"]
@@ -90,16 +94,6 @@ def _launch_two_nodes(args, log_dir, name):
                              stderr=subprocess.STDOUT) for i in range(2)]
 
 
-def _descendants(pid):
-    found = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            children = (task / "children").read_text().split()
-        except OSError:
-            continue
-        for child in map(int, children):
-            found += [child, *_descendants(child)]
-    return found
 
 
 def _kill_all(launchers):
