@@ -97,12 +97,12 @@ class PerStepCosine:
             group["lr"] = lr  # LambdaLR's load leaves the optimiser's rate as it was
 
 
-def pretrain_scheduler(args: argparse.Namespace, n_train: int, world_size: int):
+def pretrain_scheduler(args: argparse.Namespace, n_train: int, ctx):
     """The `make_scheduler` of pretraining: StepLR 0.9 per epoch, or the cosine with warm-up over the run's optimiser
     steps (per rank: ceil(cells / ranks) cells in batches of --batch_size, one step per --grad_acc batches)."""
     if args.lr_schedule == "step":
         return step_lr
-    batches = math.ceil(math.ceil(n_train / world_size) / args.batch_size)
+    batches = math.ceil(math.ceil(n_train / ctx.world_size) / args.batch_size)
     total = args.epoch * math.ceil(batches / max(1, args.grad_acc))
     if getattr(args, "max_steps", None):
         total = min(total, int(args.max_steps))  # --max_steps ends the run first
@@ -110,8 +110,10 @@ def pretrain_scheduler(args: argparse.Namespace, n_train: int, world_size: int):
         raise ScbertError(f"--warmup {args.warmup} must be positive: pass steps (scGPT: 10000) or a fraction below 1")
     warmup = int(round(args.warmup * total)) if args.warmup < 1 else int(args.warmup)
     if warmup >= total:
-        print(f"note: --warmup {warmup} steps is not shorter than the run's {total} optimiser steps, so the learning "
-              "rate only rises; pass a fraction such as --warmup 0.1 for a short run", flush=True)
+        from distributed import print0
+
+        print0(f"note: --warmup {warmup} steps is not shorter than the run's {total} optimiser steps, so the learning "
+               "rate only rises; pass a fraction such as --warmup 0.1 for a short run", ctx=ctx)
     return lambda optimizer: PerStepCosine(optimizer, warmup=warmup, total=total)
 
 
@@ -235,7 +237,7 @@ def pretrain_transformer(args: argparse.Namespace, ctx) -> list[dict[str, Any]]:
                     genes=genes, train_set=CellDataset(adata.X, indices=train_idx, vocab=vocab),
                     valid_set=CellDataset(adata.X, indices=valid_idx, vocab=vocab), resume_path=resume_path,
                     clip_norm=GRAD_CLIP, state={"best": best, "settings": settings},
-                    make_scheduler=pretrain_scheduler(args, len(train_idx), ctx.world_size))
+                    make_scheduler=pretrain_scheduler(args, len(train_idx), ctx))
     n_params = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
     print0(f"pretraining the transformer on {ctx.device} x {ctx.world_size}: {len(train_idx)} train / "
            f"{len(valid_idx)} valid cells, {len(genes)} genes, {n_params:,} parameters, epochs "
