@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,8 +99,16 @@ def setup_distributed(args: argparse.Namespace | None = None, device: str | None
 
 
 def cleanup_distributed(ctx: DistContext) -> None:
-    """Leave the process group (a no-op for one plain process)."""
+    """Leave the process group (a no-op for one plain process).
+
+    On a normal exit every rank first waits for the others: a gloo rank that tears its connections down while a peer
+    is still in its last collective can abort that peer ("terminate called without an active exception", about one
+    two-rank run in eight here). Called from a `finally` while an error propagates, it leaves at once: the other ranks
+    may never reach a barrier, and torchrun stops them when this rank exits non-zero.
+    """
     if ctx.distributed and dist.is_initialized():
+        if sys.exc_info()[1] is None:
+            barrier(ctx)
         dist.destroy_process_group()
 
 

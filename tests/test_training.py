@@ -10,6 +10,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+import distributed
 import training
 from performer_pytorch import PerformerLM, load_checkpoint
 from utils import PREPROCESS_UNS_KEY, ScbertError, tokenize
@@ -78,6 +79,30 @@ def test_plain_process_reads_local_rank_from_the_environment_first(monkeypatch):
     ctx = training.setup_distributed(common_args(["--local_rank", "5", "--device", "cpu"]))
     assert (ctx.rank, ctx.world_size, ctx.local_rank, ctx.distributed, ctx.is_main) == (0, 1, 0, False, True)
     assert ctx.device.type == "cpu"
+
+
+def test_leaving_the_process_group_waits_for_peers_only_on_a_normal_exit(monkeypatch):
+    # Waiting on the way out is what keeps a gloo peer from aborting at shutdown; waiting while an error propagates
+    # would hang a rank whose peers are elsewhere, so that path leaves at once.
+    calls = []
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(distributed.dist, "destroy_process_group", lambda: calls.append("destroy"))
+    ctx = distributed.DistContext(rank=1, world_size=2, distributed=True, backend="gloo")
+    try:
+        pass
+    finally:
+        distributed.cleanup_distributed(ctx)
+    assert calls == ["barrier", "destroy"]
+    calls.clear()
+    with pytest.raises(ScbertError):
+        try:
+            raise ScbertError("a refusal on this rank")
+        finally:
+            distributed.cleanup_distributed(ctx)
+    assert calls == ["destroy"]
+    distributed.cleanup_distributed(distributed.DistContext())  # one plain process: nothing to leave
+    assert calls == ["destroy"]
 
 
 # ---- schedule -----------------------------------------------------------------------------------------------
