@@ -18,7 +18,8 @@ annotation_files.py: `<out>.h5ad` (default `<data stem>_scbert.h5ad` beside the 
 cell, plus the fields annotate.py lists), `<out>.csv` (cell_id, scbert_celltype, scbert_confidence, then
 prob_<class> for every class), with --label_key the metrics JSON and confusion CSV, with --attention the attention
 tables (performer_pytorch/interpret.py), with --summary True `<out stem>_summary.csv`, with --plots True three PNGs
-(plots.py).
+(plots.py). A shard folder (preprocess.py --out_format shards) or `--backed True` is read in row blocks of
+`--block_cells` cells, memory bounded by the block, with CSV outputs only (predict_stream.py).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from annotate import (
 from annotation_files import output_paths, quiet_printer, read_query, write_all
 from distributed import cleanup_distributed, setup_distributed
 from model_card import show_model
+from predict_stream import BLOCK_CELLS, is_streamed, predict_streamed
 from utils import ScbertError, run_cli, str2bool
 
 
@@ -159,6 +161,13 @@ def add_annotation_flags(parser: argparse.ArgumentParser) -> None:
                        "from cell embeddings, so they are computed too (default: %(default)s)")
     group.add_argument("--summary", type=str2bool, default=False,
                        help="True: also write <out stem>_summary.csv, cells and share per predicted type")
+    group.add_argument("--backed", type=str2bool, default=False,
+                       help="True: read the .h5ad in row blocks (X stays on disk), as a shard folder always is; "
+                       "writes the CSV, summary, params and metrics files, not an .h5ad (predict_stream.py) "
+                       "(default: %(default)s)")
+    group.add_argument("--block_cells", type=int, default=BLOCK_CELLS,
+                       help="cells per row block of a shard folder or --backed True query; memory per process "
+                       "grows with it, not with the number of cells (default: %(default)s)")
     group.add_argument("--quiet", type=str2bool, default=False,
                        help="True: print only warnings and errors, no progress bar (default: %(default)s)")
     group.add_argument("--show_model", metavar="PATH", default=None,
@@ -168,11 +177,12 @@ def add_annotation_flags(parser: argparse.ArgumentParser) -> None:
 @dataclass
 class PredictResult:
     """What main() produced: the output AnnData (every cell of the user's), the written paths by kind, the
-    predictions of the scored cells, the metrics (with --label_key)."""
+    predictions of the scored cells, the metrics (with --label_key). A streamed query (predict_stream.py) has no
+    AnnData and no predictions in memory: its outputs are the files."""
 
     adata: Any
     paths: dict[str, str]
-    predictions: Predictions
+    predictions: Predictions | None
     metrics: dict[str, Any] | None = None
     params: dict[str, Any] = field(default_factory=dict)
 
@@ -206,6 +216,8 @@ def main(argv: Sequence[str] | None = None) -> PredictResult | str:
         return card
     args = get_args_parser().parse_args(argv)
     refine = _refinement(args)
+    if is_streamed(args):
+        return _main_streamed(args, refine)
     paths = output_paths(args.data_path, args.out_path, label_key=args.label_key, attention=args.attention,
                          plots=args.plots, summary=args.summary, overwrite=args.overwrite)
     ctx = setup_distributed(args, device=args.device)
@@ -240,6 +252,17 @@ def main(argv: Sequence[str] | None = None) -> PredictResult | str:
         cleanup_distributed(ctx)
     return PredictResult(adata=query.user, paths=paths, predictions=predictions, metrics=metrics,
                          params=query.user.uns[refine.keys.uns]["params"])
+
+
+def _main_streamed(args: argparse.Namespace, refine: Refinement) -> PredictResult:
+    ctx = setup_distributed(args, device=args.device)
+    try:
+        paths, record = predict_streamed(args, refine, ctx, quiet_printer(args.quiet, ctx.is_main),
+                                         params=lambda annotator: _params(args, annotator, ctx.device))
+    finally:
+        cleanup_distributed(ctx)
+    return PredictResult(adata=None, paths=paths, predictions=None, metrics=record.get("metrics"),
+                         params=record["params"])
 
 
 if __name__ == "__main__":

@@ -266,6 +266,8 @@ class ShardCorpus:
     def to_csr(self, rows: Sequence[int] | None = None) -> sp.csr_matrix:
         """(len(rows), genes) CSR float32 of the given cells (default all: only for small corpora and tests)."""
         rows = range(self.n_obs) if rows is None else rows
+        if isinstance(rows, range) and rows.step == 1:
+            return self._range_csr(max(rows.start, 0), min(rows.stop, self.n_obs))
         entries = [self.row(int(i)) for i in rows]
         indptr = np.concatenate([[0], np.cumsum([len(c) for c, _ in entries])]).astype(np.int64)
         cols = np.concatenate([c for c, _ in entries]) if entries else np.zeros(0, np.int64)
@@ -273,13 +275,33 @@ class ShardCorpus:
         return sp.csr_matrix((vals, cols, indptr), shape=(len(entries), self.n_vars))
 
 
+    def _range_csr(self, start: int, end: int) -> sp.csr_matrix:
+        """Cells start..end - 1 as CSR float32: per shard one read of its gene indices and one of its values."""
+        pointers, cols, vals, base = [np.zeros(1, np.int64)], [], [], 0
+        while start < end:
+            k = int(np.searchsorted(self.offsets, start, side="right")) - 1
+            stop = min(end, int(self.offsets[k + 1]))
+            indptr, indices, values = self._shard(k)
+            a, b = start - int(self.offsets[k]), stop - int(self.offsets[k])
+            first, last = int(indptr[a]), int(indptr[b])
+            pointers.append(np.asarray(indptr[a + 1:b + 1], dtype=np.int64) - first + base)
+            cols.append(_read_range(indices, first, last).astype(np.int64))
+            vals.append(_read_range(values, first, last).astype(np.float32))
+            base += last - first
+            start = stop
+        indptr = np.concatenate(pointers)
+        cols = np.concatenate(cols) if cols else np.zeros(0, np.int64)
+        vals = np.concatenate(vals) if vals else np.zeros(0, np.float32)
+        return sp.csr_matrix((vals, cols, indptr), shape=(len(indptr) - 1, self.n_vars))
+
     def to_anndata(self, rows: Sequence[int] | range):
         """An AnnData of the given cells (X: their stored values as CSR float32, obs, var = the genes), e.g. a block
         of rows to pass to `annotate.annotate`: for scBERT's kind the tokens are those of the original values."""
         import anndata as ad
 
+        X = self.to_csr(rows)
         rows = np.asarray(list(rows) if isinstance(rows, range) else rows, dtype=np.int64)
-        return ad.AnnData(X=self.to_csr(rows), obs=self.obs.iloc[rows].copy(),
+        return ad.AnnData(X=X, obs=self.obs.iloc[rows].copy(),
                           var=pd.DataFrame(index=self.var_names))
 
     def blocks(self, block_cells: int = CELLS_PER_SHARD):

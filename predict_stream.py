@@ -1,0 +1,267 @@
+"""Prediction at atlas scale: the query read in row blocks, blocks shared out to the ranks, rank 0 writing as they come.
+
+    python predict.py --data_path corpus_shards/ --model_path finetuned_best.pth --novel_type True
+    python predict.py --data_path query.h5ad --backed True --model_path finetuned_best.pth --label_key celltype
+    torchrun --nproc_per_node 8 predict.py --data_path corpus_shards/ --model_path finetuned_best.pth
+
+`predict.py` comes here when `--data_path` is a shard folder (`preprocess.py --out_format shards`) or with
+`--backed True` (a preprocess.py `.h5ad` opened backed, so X stays on disk). Memory per process is one block of
+`--block_cells` cells (its matrix and predictions) plus the query's obs table, whatever the number of cells; the
+in-memory path (`annotation_files.read_query`) stays the one for small data and for everything that needs all cells
+at once, which is refused here with one sentence: majority voting and plots (a neighbour graph of every cell),
+embeddings and attention tables (cells x dim or genes), CANAL's novel-cell call (its threshold mixes the whole query),
+preprocessing counts on the fly (preprocess them into shards first).
+
+Blocks are predicted in rounds: in round r rank k takes block r * world_size + k, and the round's probabilities are
+gathered, so rank 0 receives them in cell order and appends them to the outputs; labels are made exactly as on the
+in-memory path (`annotate.assign_labels`, `voting.prob_match_labels`), so the two give the same CSV. Files (rank 0,
+each written under a temporary name and renamed when complete; never over the input; existing ones only with
+`--overwrite True`): `<stem>.csv` (cell_id, <prefix>celltype, <prefix>confidence, prob_<class>...),
+`<stem>_summary.csv` (cells and share per predicted type), `<stem>_params.json` (what uns['<prefix>predict'] holds on
+the in-memory path: settings, classes, metrics), with `--label_key` `<stem>_metrics.json` and `<stem>_confusion.csv`.
+`<stem>` is `--out_path` without its `.csv`/`.h5ad` ending, by default `<data stem>_scbert` beside the input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+import voting
+from annotate import Annotator, Refinement, assign_labels, check_model_flags, check_query, load_annotator, predict_cells
+from distributed import DistContext, gather_tensors
+from metrics import annotation_metrics, format_metrics
+from shards import is_shard_folder, open_corpus
+from utils import ScbertError, atomic_write, check_expression, write_json
+
+__all__ = ["BLOCK_CELLS", "is_streamed", "predict_streamed", "stream_paths"]
+
+BLOCK_CELLS = 16384  # ~16k cells x ~1,000 non-zeros: tens of MB per block, hundreds of batches between gathers
+
+# Flags that need every cell in memory at once: (flag, value that asks for it, why).
+NEEDS_ALL_CELLS = (
+    ("preprocess", True, "preprocessing counts here"),
+    ("majority_voting", True, "majority voting (a neighbour graph of every cell)"),
+    ("plots", True, "plots (a UMAP of every cell)"),
+    ("embeddings", True, "embeddings (cells x dim in the output)"),
+)
+
+
+def is_streamed(args: argparse.Namespace) -> bool:
+    """Whether predict.py reads this query in row blocks: a shard folder, or an .h5ad with --backed True."""
+    return bool(getattr(args, "backed", False)) or is_shard_folder(args.data_path)
+
+
+def _refuse_whole_query_flags(args: argparse.Namespace) -> None:
+    source = "a shard folder" if is_shard_folder(args.data_path) else "--backed True"
+    wanted = [(f"--{flag} True", why) for flag, value, why in NEEDS_ALL_CELLS if getattr(args, flag) == value]
+    if args.attention != "none":
+        wanted.append((f"--attention {args.attention}", "attention tables (cells x genes)"))
+    if args.novel_type and args.novel_method == "canal":
+        wanted.append(("--novel_method canal", "CANAL's novel-cell call (its threshold mixes the whole query)"))
+    if wanted:
+        flag, why = wanted[0]
+        raise ScbertError(f"{flag} asks for {why}, which needs every cell in memory, but {source} is predicted in row "
+                          f"blocks: drop {flag}, or pass a preprocess.py .h5ad without --backed")
+    if args.block_cells < 1:
+        raise ScbertError(f"--block_cells must be at least 1, got {args.block_cells}")
+
+
+def stream_paths(args: argparse.Namespace) -> dict[str, str]:
+    """The files a streamed prediction writes, by kind; refuses the input and existing files without --overwrite."""
+    data = os.path.abspath(args.data_path).rstrip(os.sep)
+    out = os.path.abspath(args.out_path) if args.out_path else f"{os.path.splitext(data)[0]}_scbert"
+    stem = out[: -len(os.path.splitext(out)[1])] if out.endswith((".csv", ".h5ad")) else out
+    paths = {"csv": f"{stem}.csv", "summary": f"{stem}_summary.csv", "params": f"{stem}_params.json"}
+    if args.label_key:
+        paths.update(metrics=f"{stem}_metrics.json", confusion=f"{stem}_confusion.csv")
+    if data in paths.values():
+        raise ScbertError(f"--out_path {args.out_path!r} would write over the input: choose another path")
+    existing = [p for p in paths.values() if os.path.exists(p)]
+    if existing and not args.overwrite:
+        raise ScbertError(f"{existing[0]!r} already exists: pass --overwrite True to replace it, or choose another "
+                          "--out_path")
+    return paths
+
+
+@dataclass
+class BlockSource:
+    """A query read a row block at a time: `obs` (every cell's, in memory), `rows(start, end)` -> CSR values."""
+
+    name: str
+    obs: pd.DataFrame
+    n_obs: int
+    rows: Callable[[int, int], Any]
+
+
+def open_source(args: argparse.Namespace, annotator: Annotator) -> BlockSource:
+    """The query as blocks of the model's input, its genes checked against the checkpoint's."""
+    transformer = annotator.ckpt.model_type == "transformer"
+    name = repr(args.data_path)
+    recipe = "--recipe scgpt " if transformer else ""
+    if is_shard_folder(args.data_path):
+        corpus = open_corpus(args.data_path, kind="scgpt" if transformer else "scbert")
+        check_query(corpus, annotator, data_name=name)
+        return BlockSource(name, corpus.obs, corpus.n_obs, lambda a, b: corpus.to_csr(range(a, b)))
+    adata = _open_backed(args.data_path, recipe)
+    check_query(adata, annotator, data_name=name)
+    if transformer:
+        from scgpt_preprocess import SCGPT_UNS_KEY
+
+        if SCGPT_UNS_KEY not in adata.uns:
+            raise ScbertError(f"{name} is not binned for the transformer (no uns[{SCGPT_UNS_KEY!r}]): run "
+                              f"preprocess.py {recipe}on the raw counts first")
+
+    def rows(a: int, b: int):
+        block = adata.X[a:b]
+        if transformer:
+            import scipy.sparse as sp
+
+            return sp.csr_matrix(block, dtype=np.float32)
+        return check_expression(block, name=f"{name} (cells {a}..{b - 1})")
+
+    return BlockSource(name, adata.obs, adata.n_obs, rows)
+
+
+def _open_backed(path: str, recipe: str):
+    import anndata as ad
+
+    if not os.path.isfile(path):
+        raise ScbertError(f"data file {path!r} does not exist: check --data_path")
+    try:
+        adata = ad.read_h5ad(path, backed="r")
+    except Exception as err:  # h5py and anndata raise many types for foreign files
+        raise ScbertError(f"could not open {path!r} as an .h5ad file ({type(err).__name__}): pass the output of "
+                          f"preprocess.py {recipe}or a shard folder") from err
+    if adata.n_obs == 0 or adata.n_vars == 0 or adata.X is None:
+        raise ScbertError(f"{path!r} holds no expression matrix ({adata.n_obs} x {adata.n_vars}): check the input")
+    return adata
+
+
+def _labels(probs: np.ndarray, classes: list[str], refine: Refinement) -> tuple[np.ndarray, np.ndarray]:
+    if refine.mode == "prob_match":
+        return voting.prob_match_labels(probs, classes, refine.p_thres), probs.max(axis=1).astype(np.float32)
+    return assign_labels(probs, classes, novel_type=refine.novel_type, unassign_thres=refine.unassign_thres)
+
+
+class _Writer:
+    """Rank 0's running outputs: CSV rows appended block by block, label counts, labels kept for the metrics."""
+
+    def __init__(self, fh, classes: list[str], refine: Refinement, obs: pd.DataFrame):
+        self.fh, self.classes, self.refine, self.obs = fh, classes, refine, obs
+        self.counts: Counter[str] = Counter()
+        self.predicted: list[np.ndarray] = []
+        keys = refine.keys
+        columns = ["cell_id", keys.label, keys.confidence, *(f"prob_{c}" for c in classes)]
+        fh.write(pd.DataFrame(columns=columns).to_csv(index=False))
+
+    def add(self, first: int, probs: np.ndarray) -> None:
+        labels, confidence = _labels(probs, self.classes, self.refine)
+        self.counts.update(map(str, labels))
+        if self.refine.label_key:
+            self.predicted.append(labels)
+        keys = self.refine.keys
+        table = pd.DataFrame({"cell_id": self.obs.index[first:first + len(probs)].astype(str),
+                              keys.label: labels, keys.confidence: confidence})
+        table = pd.concat([table, pd.DataFrame(probs, columns=[f"prob_{c}" for c in self.classes])], axis=1)
+        self.fh.write(table.to_csv(index=False, header=False, float_format="%.6g"))
+
+
+def _round_robin(n_obs: int, block: int, ctx: DistContext):
+    """(round's first cell, this rank's (start, end) or None) per round; every rank runs every round."""
+    n_blocks = -(-n_obs // block)
+    for r in range(-(-n_blocks // ctx.world_size)):
+        mine = r * ctx.world_size + ctx.rank
+        yield (r * ctx.world_size * block,
+               (mine * block, min((mine + 1) * block, n_obs)) if mine < n_blocks else None)
+
+
+def _predict_all(source: BlockSource, annotator: Annotator, args, ctx: DistContext, writer: _Writer | None,
+                 progress: bool) -> float:
+    """Every round: this rank's block predicted, all probabilities gathered; rank 0 hands them to the writer."""
+    n_classes = len(annotator.classes)
+    seconds = 0.0
+    with tqdm(total=source.n_obs, unit="cell", disable=not progress, file=sys.stderr) as bar:
+        for first, rows in _round_robin(source.n_obs, args.block_cells, ctx):
+            probs = torch.zeros((0, n_classes), dtype=torch.float32)
+            if rows is not None:
+                done = predict_cells(annotator.model, source.rows(*rows), batch_size=args.batch_size,
+                                     device=ctx.device, amp=args.amp)
+                probs, seconds = torch.from_numpy(done.probs), seconds + done.seconds
+            everyone = gather_tensors(probs, ctx).numpy()
+            if writer is not None:
+                writer.add(first, everyone)
+            bar.update(everyone.shape[0])
+    return seconds
+
+
+def predict_streamed(args: argparse.Namespace, refine: Refinement, ctx: DistContext, say,
+                     params: Callable[[Annotator], dict[str, Any]]) -> tuple[dict[str, str], dict[str, Any]]:
+    """predict.py for a shard folder or a backed .h5ad (see the module docstring). Returns (the paths written,
+    what params.json holds); on ranks other than 0 nothing is written and the record has no metrics."""
+    _refuse_whole_query_flags(args)
+    paths = stream_paths(args)
+    annotator = load_annotator(args.model_path, label_dict=args.label_dict, heads=args.heads,
+                               novel_type=args.novel_type)
+    check_model_flags(annotator, gene_num=args.gene_num, bin_num=args.bin_num, pos_embed=args.pos_embed)
+    source = open_source(args, annotator)
+    if args.label_key is not None and args.label_key not in source.obs:
+        columns = ", ".join(map(str, list(source.obs.columns)[:10])) or "none"
+        raise ScbertError(f"--label_key {args.label_key!r} is not a column of obs in {source.name} (columns: "
+                          f"{columns}): pass one of them or drop the flag")
+    say(f"predicting {source.n_obs} cells in blocks of {args.block_cells} with {len(annotator.classes)} classes on "
+        f"{ctx.device} x {ctx.world_size}")
+    record = {"params": {**params(annotator), **refine.params(), "streamed": True,
+                         "block_cells": int(args.block_cells)},
+              "classes": list(annotator.classes)}
+    start = time.perf_counter()
+    progress = ctx.is_main and getattr(say, "progress", True)
+    if not ctx.is_main:
+        _predict_all(source, annotator, args, ctx, None, progress=False)
+        return paths, record
+    writer: _Writer | None = None
+
+    def write_csv(tmp: str) -> None:
+        nonlocal writer
+        with open(tmp, "w", encoding="utf-8", newline="") as fh:
+            writer = _Writer(fh, list(annotator.classes), refine, source.obs)
+            _predict_all(source, annotator, args, ctx, writer, progress=progress)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    atomic_write(paths["csv"], write_csv)
+    wall = time.perf_counter() - start
+    say(f"predicted {source.n_obs} cells in {wall:.1f} s ({source.n_obs / max(wall, 1e-9):.1f} cells/s)")
+    _write_tables(writer, source, annotator, refine, paths, record, say)
+    return paths, record
+
+
+def _write_tables(writer: _Writer, source: BlockSource, annotator: Annotator, refine: Refinement,
+                  paths: dict[str, str], record: dict[str, Any], say) -> None:
+    counts = pd.Series(writer.counts, dtype=np.int64).sort_values(ascending=False, kind="stable")
+    summary = pd.DataFrame({"n_cells": counts, "fraction": counts / max(source.n_obs, 1)})
+    summary.index.name = refine.keys.label
+    atomic_write(paths["summary"], lambda tmp: summary.to_csv(tmp, float_format="%.6g"))
+    if refine.label_key:
+        predicted = np.concatenate(writer.predicted)
+        metrics, confusion = annotation_metrics(source.obs[refine.label_key].to_numpy(), predicted,
+                                                annotator.classes, novel_type=refine.novel_type)
+        record["metrics"] = metrics
+        write_json(paths["metrics"], metrics)
+        atomic_write(paths["confusion"], lambda tmp: confusion.to_csv(tmp))
+        say(format_metrics(metrics))
+    write_json(paths["params"], record)
+    head = ", ".join(f"{name} {n}" for name, n in counts.head(8).items())
+    say(f"labels: {head}{', ...' if len(counts) > 8 else ''}")
+    say("wrote " + ", ".join(paths.values()))
