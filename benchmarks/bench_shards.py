@@ -12,6 +12,9 @@ with `shards.ShardWriter` (kind "scbert", 65,536 cells per shard) into `--out_di
 - peak RSS per rank: VmHWM of each rank of `torchrun --nproc_per_node 2 pretrain.py --data_path <shards>` running
   `--max_steps` steps of a tiny Performer (dim 16, 1 block, batch 2 per rank) with `--valid_cells 64`, read from
   /proc while it runs (RssFile: mapped files, libraries included);
+- prediction reader: what `predict.py --data_path <shards>` reads (`predict_stream.open_source`: the obs table and
+  every block of 16,384 cells) in a fresh process, its cells/s and peak RSS, the model's forward passes left out (a
+  full-size forward is about 307 GFLOP per cell: the model is the bottleneck by orders of magnitude);
 - loader cells/s: one process on one thread iterating the training DataLoader (`CellDataset` over the corpus,
   `BlockShuffleSampler`, batch 8, no workers), against the model's cells/s: one full-size pretraining step (16,907
   tokens, dim 200, depth 6, batch 1, fp32) timed after a warm-up step, once per run.
@@ -181,6 +184,51 @@ def loader_rate(folder: str, batches: int) -> float:
     return rate
 
 
+READER = """
+import json, resource, sys, time
+sys.path.insert(0, {root!r})
+import argparse
+from annotate import load_annotator
+from predict_stream import open_source
+annotator = load_annotator({ckpt!r})
+start = time.perf_counter()
+source = open_source(argparse.Namespace(data_path={folder!r}, backed=False), annotator)
+stored = 0
+for first in range(0, source.n_obs, {block}):
+    stored += source.rows(first, min(first + {block}, source.n_obs)).nnz
+seconds = time.perf_counter() - start
+print(json.dumps({{"cells_per_s": source.n_obs / seconds, "stored": stored,
+                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}}))
+"""
+
+
+def tiny_classifier(path: str, genes: int) -> str:
+    """A tiny fine-tuned checkpoint over the corpus's genes, for the prediction reader."""
+    import torch
+
+    from models import ScbertPerformer
+    from performer_pytorch import ClassificationHead, checkpoint_payload, save_checkpoint
+
+    torch.manual_seed(0)
+    model = ScbertPerformer(num_tokens=7, max_seq_len=genes + 1, dim=16, depth=1, heads=2, dim_head=8,
+                            g2v_position_emb=False)
+    model.to_out = ClassificationHead(seq_len=genes + 1, dim=16, n_classes=2)
+    save_checkpoint(checkpoint_payload(model, genes=[f"G{i}" for i in range(genes)], classes=["a", "b"], epoch=1),
+                    path)
+    return path
+
+
+def prediction_reader(folder: str, ckpt: str, block: int) -> dict:
+    """What predict.py on a shard folder reads (predict_stream.open_source, every block of `block` cells, the obs
+    table), in a fresh process: its cells/s and peak RSS (the model's forward passes not included)."""
+    code = READER.format(root=str(ROOT), ckpt=ckpt, folder=folder, block=block)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if done.returncode != 0:
+        raise ScbertError(f"the prediction reader failed: {done.stderr.strip()[-400:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def model_rate(genes: int) -> float:
     """Cells/s of one full-size pretraining step (batch 1, fp32, the scripts' CPU thread policy), after a warm-up
     step."""
@@ -218,24 +266,34 @@ def main(argv: Sequence[str] | None = None) -> dict:
         results["model_cells_per_s"] = model_rate(args.genes)
         print(f"full-size pretraining step (16,907 tokens, 6 x 200, batch 1, fp32): "
               f"{results['model_cells_per_s']:.3f} cells/s", flush=True)
+    os.makedirs(args.out_dir, exist_ok=True)
+    ckpt = tiny_classifier(os.path.join(args.out_dir, "tiny_classifier.pth"), args.genes)
     for n in sizes:
         folder = os.path.join(args.out_dir, f"corpus_{n}")
         shutil.rmtree(folder, ignore_errors=True)
         row = write_corpus(folder, n, args.genes, args.nnz)
         row["loader_cells_per_s"] = loader_rate(folder, args.loader_batches)
         row.update(two_rank_job(folder, args.genes, args.steps, os.path.join(args.out_dir, f"ckpt_{n}")))
+        reader = prediction_reader(folder, ckpt, BLOCK)
+        row.update(predict_reader_cells_per_s=reader["cells_per_s"], predict_reader_peak_rss_mb=reader["peak_rss_mb"])
         results["sizes"][str(n)] = row
         print(f"{n:>9,} cells: generate {row['generate_s']:.1f} s, write {row['write_s']:.1f} s, "
               f"{row['bytes_per_value']:.3f} bytes per stored value ({row['bytes'] / 1e9:.2f} GB, {row['shards']} "
               f"shards); loader {row['loader_cells_per_s']:.0f} cells/s; 2-rank job ({args.steps} steps, "
               f"{row['wall_s']:.0f} s) peak RSS per rank {row['peak_rss_mb']} MB (anon {row['rss_anon_mb']}, "
-              f"file {row['rss_file_mb']})", flush=True)
+              f"file {row['rss_file_mb']}); prediction reader (blocks of {BLOCK:,}) "
+              f"{row['predict_reader_cells_per_s']:.0f} cells/s, peak RSS {row['predict_reader_peak_rss_mb']} MB",
+              flush=True)
         if not str2bool(args.keep):
             shutil.rmtree(folder, ignore_errors=True)
         shutil.rmtree(os.path.join(args.out_dir, f"ckpt_{n}"), ignore_errors=True)
     first, last = results["sizes"][str(sizes[0])], results["sizes"][str(sizes[-1])]
     results["peak_ratio_last_vs_first"] = max(last["peak_rss_mb"]) / max(first["peak_rss_mb"])
     print(f"peak RSS per rank, {sizes[-1]:,} vs {sizes[0]:,} cells: {results['peak_ratio_last_vs_first']:.3f}x")
+    results["predict_reader_ratio_last_vs_first"] = last["predict_reader_peak_rss_mb"] / first[
+        "predict_reader_peak_rss_mb"]
+    print(f"prediction reader's peak RSS, {sizes[-1]:,} vs {sizes[0]:,} cells: "
+          f"{results['predict_reader_ratio_last_vs_first']:.3f}x")
     if "model_cells_per_s" in results:
         slowest = min(r["loader_cells_per_s"] for r in results["sizes"].values())
         print(f"slowest loader {slowest:.0f} cells/s = {slowest / results['model_cells_per_s']:.0f}x the model's")
