@@ -13,7 +13,8 @@ with `shards.ShardWriter` (kind "scbert", 65,536 cells per shard) into `--out_di
   `--max_steps` steps of a tiny Performer (dim 16, 1 block, batch 2 per rank) with `--valid_cells 64`, read from
   /proc while it runs (RssFile: mapped files, libraries included);
 - prediction reader: what `predict.py --data_path <shards>` reads (`predict_stream.open_source`: the obs table and
-  every block of 16,384 cells) in a fresh process, its cells/s and peak RSS, the model's forward passes left out (a
+  every block of 16,384 cells) in a fresh process, its cells/s and peak RSS (VmHWM: getrusage's maximum would
+  include this parent's, which survives the exec), the model's forward passes left out (a
   full-size forward is about 307 GFLOP per cell: the model is the bottleneck by orders of magnitude);
 - loader cells/s: one process on one thread iterating the training DataLoader (`CellDataset` over the corpus,
   `BlockShuffleSampler`, batch 8, no workers), against the model's cells/s: one full-size pretraining step (16,907
@@ -185,7 +186,7 @@ def loader_rate(folder: str, batches: int) -> float:
 
 
 READER = """
-import json, resource, sys, time
+import json, sys, time
 sys.path.insert(0, {root!r})
 import argparse
 from annotate import load_annotator
@@ -197,8 +198,9 @@ stored = 0
 for first in range(0, source.n_obs, {block}):
     stored += source.rows(first, min(first + {block}, source.n_obs)).nnz
 seconds = time.perf_counter() - start
+status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
 print(json.dumps({{"cells_per_s": source.n_obs / seconds, "stored": stored,
-                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}}))
+                   "peak_rss_mb": int(status["VmHWM"].split()[0]) // 1024}}))
 """
 
 
