@@ -6,7 +6,8 @@
 
 `predict.py` comes here when `--data_path` is a shard folder (`preprocess.py --out_format shards`) or with
 `--backed True` (a preprocess.py `.h5ad` opened backed, so X stays on disk). Memory per process is one block of
-`--block_cells` cells (its matrix and predictions) plus the query's obs table, whatever the number of cells; the
+`--block_cells` cells (its matrix, predictions and obs rows; rank 0 also keeps the predicted labels for
+`--label_key`), whatever the number of cells (a backed .h5ad's obs table is in memory: anndata reads it whole); the
 in-memory path (`annotation_files.read_query`) stays the one for small data and for everything that needs all cells
 at once, which is refused here with one sentence: majority voting and plots (a neighbour graph of every cell),
 embeddings and attention tables (cells x dim or genes), CANAL's novel-cell call (its threshold mixes the whole query),
@@ -97,23 +98,30 @@ def stream_paths(args: argparse.Namespace) -> dict[str, str]:
 
 @dataclass
 class BlockSource:
-    """A query read a row block at a time: `obs` (every cell's, in memory), `rows(start, end)` -> CSR values."""
+    """A query read a row block at a time: `rows(start, end)` -> CSR values, `cell_ids(start, end)` -> obs names,
+    `labels(key)` -> one obs column for every cell (only rank 0 calls the last two), `columns` of obs."""
 
     name: str
-    obs: pd.DataFrame
     n_obs: int
+    columns: list[str]
     rows: Callable[[int, int], Any]
+    cell_ids: Callable[[int, int], pd.Index]
+    labels: Callable[[str], np.ndarray]
 
 
 def open_source(args: argparse.Namespace, annotator: Annotator) -> BlockSource:
-    """The query as blocks of the model's input, its genes checked against the checkpoint's."""
+    """The query as blocks of the model's input, its genes checked against the checkpoint's. A shard folder's obs
+    is read a block at a time (a million cells' table is about 120 MB, which no rank holds); a backed .h5ad's obs is
+    in memory (anndata reads it whole)."""
     transformer = annotator.ckpt.model_type == "transformer"
     name = repr(args.data_path)
     recipe = "--recipe scgpt " if transformer else ""
     if is_shard_folder(args.data_path):
         corpus = open_corpus(args.data_path, kind="scgpt" if transformer else "scbert")
         check_query(corpus, annotator, data_name=name)
-        return BlockSource(name, corpus.obs, corpus.n_obs, lambda a, b: corpus.to_csr(range(a, b)))
+        return BlockSource(name, corpus.n_obs, corpus.obs_columns(), lambda a, b: corpus.to_csr(range(a, b)),
+                           lambda a, b: corpus.obs_rows(a, b, columns=[]).index,
+                           lambda key: corpus.obs_rows(0, corpus.n_obs, columns=[key])[key].to_numpy())
     adata = _open_backed(args.data_path, recipe)
     check_query(adata, annotator, data_name=name)
     if transformer:
@@ -131,7 +139,8 @@ def open_source(args: argparse.Namespace, annotator: Annotator) -> BlockSource:
             return sp.csr_matrix(block, dtype=np.float32)
         return check_expression(block, name=f"{name} (cells {a}..{b - 1})")
 
-    return BlockSource(name, adata.obs, adata.n_obs, rows)
+    return BlockSource(name, adata.n_obs, list(adata.obs.columns), rows, lambda a, b: adata.obs_names[a:b],
+                       lambda key: adata.obs[key].to_numpy())
 
 
 def _open_backed(path: str, recipe: str):
@@ -158,8 +167,8 @@ def _labels(probs: np.ndarray, classes: list[str], refine: Refinement) -> tuple[
 class _Writer:
     """Rank 0's running outputs: CSV rows appended block by block, label counts, labels kept for the metrics."""
 
-    def __init__(self, fh, classes: list[str], refine: Refinement, obs: pd.DataFrame):
-        self.fh, self.classes, self.refine, self.obs = fh, classes, refine, obs
+    def __init__(self, fh, classes: list[str], refine: Refinement, source: BlockSource):
+        self.fh, self.classes, self.refine, self.source = fh, classes, refine, source
         self.counts: Counter[str] = Counter()
         self.predicted: list[np.ndarray] = []
         keys = refine.keys
@@ -172,7 +181,7 @@ class _Writer:
         if self.refine.label_key:
             self.predicted.append(labels)
         keys = self.refine.keys
-        table = pd.DataFrame({"cell_id": self.obs.index[first:first + len(probs)].astype(str),
+        table = pd.DataFrame({"cell_id": self.source.cell_ids(first, first + len(probs)).astype(str),
                               keys.label: labels, keys.confidence: confidence})
         table = pd.concat([table, pd.DataFrame(probs, columns=[f"prob_{c}" for c in self.classes])], axis=1)
         self.fh.write(table.to_csv(index=False, header=False, float_format="%.6g"))
@@ -216,8 +225,8 @@ def predict_streamed(args: argparse.Namespace, refine: Refinement, ctx: DistCont
                                novel_type=args.novel_type)
     check_model_flags(annotator, gene_num=args.gene_num, bin_num=args.bin_num, pos_embed=args.pos_embed)
     source = open_source(args, annotator)
-    if args.label_key is not None and args.label_key not in source.obs:
-        columns = ", ".join(map(str, list(source.obs.columns)[:10])) or "none"
+    if args.label_key is not None and args.label_key not in source.columns:
+        columns = ", ".join(map(str, source.columns[:10])) or "none"
         raise ScbertError(f"--label_key {args.label_key!r} is not a column of obs in {source.name} (columns: "
                           f"{columns}): pass one of them or drop the flag")
     say(f"predicting {source.n_obs} cells in blocks of {args.block_cells} with {len(annotator.classes)} classes on "
@@ -235,7 +244,7 @@ def predict_streamed(args: argparse.Namespace, refine: Refinement, ctx: DistCont
     def write_csv(tmp: str) -> None:
         nonlocal writer
         with open(tmp, "w", encoding="utf-8", newline="") as fh:
-            writer = _Writer(fh, list(annotator.classes), refine, source.obs)
+            writer = _Writer(fh, list(annotator.classes), refine, source)
             _predict_all(source, annotator, args, ctx, writer, progress=progress)
             fh.flush()
             os.fsync(fh.fileno())
@@ -255,7 +264,7 @@ def _write_tables(writer: _Writer, source: BlockSource, annotator: Annotator, re
     atomic_write(paths["summary"], lambda tmp: summary.to_csv(tmp, float_format="%.6g"))
     if refine.label_key:
         predicted = np.concatenate(writer.predicted)
-        metrics, confusion = annotation_metrics(source.obs[refine.label_key].to_numpy(), predicted,
+        metrics, confusion = annotation_metrics(source.labels(refine.label_key), predicted,
                                                 annotator.classes, novel_type=refine.novel_type)
         record["metrics"] = metrics
         write_json(paths["metrics"], metrics)

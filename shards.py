@@ -235,6 +235,29 @@ class ShardCorpus:
             self._obs = pd.concat(parts) if len(parts) > 1 else parts[0]
         return self._obs
 
+    def obs_columns(self) -> list[str]:
+        """The obs table's columns, from the first shard's parquet schema (no table read)."""
+        import pyarrow.parquet as pq
+
+        schema = pq.read_schema(os.path.join(self.folder, f"{self.manifest['shards'][0]['name']}.obs.parquet"))
+        index = {c for c in (schema.pandas_metadata or {}).get("index_columns", []) if isinstance(c, str)}
+        return [name for name in schema.names if name not in index]
+
+    def obs_rows(self, start: int, end: int, columns: Sequence[str] | None = None) -> pd.DataFrame:
+        """obs of cells start..end - 1 (only `columns`, default all), read from the shards holding them: what a
+        reader of a block needs, without the whole table in memory."""
+        if self._obs is not None:
+            return self._obs.iloc[start:end] if columns is None else self._obs.iloc[start:end][list(columns)]
+        parts, first = [], start
+        while first < end:
+            k = int(np.searchsorted(self.offsets, first, side="right")) - 1
+            stop = min(end, int(self.offsets[k + 1]))
+            path = os.path.join(self.folder, f"{self.manifest['shards'][k]['name']}.obs.parquet")
+            table = pd.read_parquet(path, columns=None if columns is None else list(columns))
+            parts.append(table.iloc[first - int(self.offsets[k]):stop - int(self.offsets[k])])
+            first = stop
+        return pd.concat(parts) if len(parts) > 1 else parts[0] if parts else pd.DataFrame()
+
     def _shard(self, k: int) -> tuple[np.ndarray, tuple[int, int, np.dtype], tuple[int, int, np.dtype]]:
         """Shard k's row pointers (memory-mapped) and, for its gene indices and values, (file descriptor, data
         offset, dtype). The most recently used MAX_OPEN_SHARDS shards stay open."""

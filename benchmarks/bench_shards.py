@@ -12,10 +12,10 @@ with `shards.ShardWriter` (kind "scbert", 65,536 cells per shard) into `--out_di
 - peak RSS per rank: VmHWM of each rank of `torchrun --nproc_per_node 2 pretrain.py --data_path <shards>` running
   `--max_steps` steps of a tiny Performer (dim 16, 1 block, batch 2 per rank) with `--valid_cells 64`, read from
   /proc while it runs (RssFile: mapped files, libraries included);
-- prediction reader: what `predict.py --data_path <shards>` reads (`predict_stream.open_source`: the obs table and
-  every block of 16,384 cells) in a fresh process, its cells/s and peak RSS (VmHWM: getrusage's maximum would
-  include this parent's, which survives the exec), the model's forward passes left out (a
-  full-size forward is about 307 GFLOP per cell: the model is the bottleneck by orders of magnitude);
+- prediction reader: what rank 0 of `predict.py --data_path <shards>` reads (`predict_stream.open_source`: every
+  block of 16,384 cells and its cell names) in a fresh process, its cells/s and peak RSS (VmHWM: getrusage's
+  maximum would include this parent's, which survives the exec), the model's forward passes left out (a full-size
+  forward is about 307 GFLOP per cell: the model is the bottleneck by orders of magnitude);
 - loader cells/s: one process on one thread iterating the training DataLoader (`CellDataset` over the corpus,
   `BlockShuffleSampler`, batch 8, no workers), against the model's cells/s: one full-size pretraining step (16,907
   tokens, dim 200, depth 6, batch 1, fp32) timed after a warm-up step, once per run.
@@ -196,7 +196,9 @@ start = time.perf_counter()
 source = open_source(argparse.Namespace(data_path={folder!r}, backed=False), annotator)
 stored = 0
 for first in range(0, source.n_obs, {block}):
-    stored += source.rows(first, min(first + {block}, source.n_obs)).nnz
+    end = min(first + {block}, source.n_obs)
+    stored += source.rows(first, end).nnz
+    names = source.cell_ids(first, end)
 seconds = time.perf_counter() - start
 status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
 print(json.dumps({{"cells_per_s": source.n_obs / seconds, "stored": stored,
