@@ -13,6 +13,13 @@ What it does (scLLM-pretrain's sampling):
 4. fetch the chosen cells with `cellxgene_census.get_anndata` and write them: X = raw counts (CSR float32), obs as
    the Census has it, var_names = `feature_name` (the original index kept as `var['feature_id']`),
    `uns['census_sample']` = {params, donors (in the order they were added), cells_per_donor}.
+
+With `--out_format shards` step 4 streams instead: the chosen cells are fetched `--block_cells` at a time and each
+block goes through preprocess.py's row-block path (`preprocess.preprocess_source`, its flags in
+`--preprocess_flags`) into a shard folder, so memory is one block whatever `--max_cells` is:
+
+    python census.py --uri /data/census_soma --max_cells 33000000 --out_format shards \
+        --preprocess_flags "--ref panglao" --out_path blood_shards
 """
 
 from __future__ import annotations
@@ -93,6 +100,23 @@ def read_obs(experiment, obs_value_filter: str, sample_key: str) -> pd.DataFrame
     return table.to_pandas()[["soma_joinid", sample_key]]
 
 
+def census_counts(census, organism: str, experiment, joinids: np.ndarray, name: str):
+    """The chosen cells as preprocess.py's `CountSource`: obs read once (cells in soma_joinid order), var from the
+    first cell, and each block's raw counts fetched from the collection only when preprocessing reaches it."""
+    from preprocess import CountSource
+
+    joinids = np.sort(np.asarray(joinids, dtype=np.int64))
+    obs = experiment.obs.read(coords=(joinids,)).concat().to_pandas().sort_values("soma_joinid")
+    obs.index = pd.Index(obs["soma_joinid"].astype(str).to_numpy(), dtype=object)
+    var = fetch_cells(census, organism, joinids[:1]).var
+
+    def block(start: int, stop: int):
+        part = fetch_cells(census, organism, joinids[start:stop])
+        return part.X[part.obs_names.get_indexer(obs.index[start:stop])]
+
+    return CountSource(len(joinids), obs, var, "X", block, checked=False, name=name)
+
+
 def fetch_cells(census, organism: str, joinids: np.ndarray):
     """AnnData of raw counts for these cells (cellxgene_census.get_anndata), var_names = feature_name."""
     import anndata as ad
@@ -128,8 +152,18 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--max_cells", type=int, default=300_000, help="at most this many cells (scLLM: 300,000)")
     parser.add_argument("--sample_key", default="donor_id", help="obs column whose groups are kept whole")
     parser.add_argument("--seed", type=int, default=0, help="seed of the donor order")
-    parser.add_argument("--out_path", required=True, help="output .h5ad")
+    parser.add_argument("--out_path", required=True, help="output .h5ad, or with --out_format shards a folder")
     parser.add_argument("--overwrite", type=str2bool, default=False, help="replace an existing --out_path")
+    parser.add_argument("--out_format", choices=["h5ad", "shards"], default="h5ad",
+                        help="h5ad: the chosen cells' raw counts, fetched at once (scLLM); shards: fetched "
+                        "--block_cells cells at a time and preprocessed as preprocess.py does into a shard folder "
+                        "(memory bounded by the block, for atlas-size queries) (default: %(default)s)")
+    parser.add_argument("--preprocess_flags", default="",
+                        help="with --out_format shards: preprocess.py's flags, quoted as one argument, e.g. "
+                        "\"--ref panglao --min_genes 200\" (default: its defaults)")
+    parser.add_argument("--block_cells", type=int, default=16384,
+                        help="with --out_format shards: cells fetched and preprocessed at a time (default: "
+                        "%(default)s)")
     return parser
 
 
@@ -138,7 +172,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from preprocess import write_h5ad_atomic
 
     args = get_args_parser().parse_args(argv)
-    if not args.out_path.lower().endswith(".h5ad"):
+    shards = args.out_format == "shards"
+    if shards:
+        preprocess_argv = _preprocess_argv(args)
+    elif not args.out_path.lower().endswith(".h5ad"):
         raise ScbertError(f"--out_path {args.out_path} must end in .h5ad")
     if os.path.exists(args.out_path) and not args.overwrite:
         raise ScbertError(f"{args.out_path} already exists: pass --overwrite True or choose another --out_path")
@@ -162,7 +199,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
             f"{len(donors)} whole donors (at most {args.max_cells}); fetching counts",
             flush=True,
         )
-        adata = fetch_cells(census, args.organism, obs["soma_joinid"].to_numpy()[keep])
+        joinids = obs["soma_joinid"].to_numpy()[keep]
+        if shards:
+            from preprocess import preprocess_source
+
+            where = args.uri if args.uri else f"version {args.census_version}"
+            source = census_counts(census, args.organism, experiment, joinids, name=f"census:{where}")
+            summary = preprocess_source(preprocess_argv, source, args.out_path)
+            return {"cells": int(summary["cells_out"]), "donors": [str(d) for d in donors],
+                    "out_path": args.out_path}
+        adata = fetch_cells(census, args.organism, joinids)
     adata.uns[UNS_KEY] = {
         "params": {
             "census_version": args.census_version or "",
@@ -179,6 +225,25 @@ def main(argv: Sequence[str] | None = None) -> dict:
     write_h5ad_atomic(adata, args.out_path)
     print(f"wrote {args.out_path}: {adata.n_obs} cells x {adata.n_vars} genes, {len(donors)} donors")
     return {"cells": int(adata.n_obs), "donors": [str(d) for d in donors], "out_path": args.out_path}
+
+
+def _preprocess_argv(args: argparse.Namespace) -> list[str]:
+    """preprocess.py's flags for --out_format shards, checked before anything is fetched."""
+    import shlex
+
+    try:
+        flags = shlex.split(args.preprocess_flags)
+    except ValueError as err:
+        raise ScbertError(f"--preprocess_flags {args.preprocess_flags!r} could not be split ({err}): quote it as "
+                          "one argument, e.g. \"--ref panglao --min_genes 200\"") from err
+    own = [f for f in flags if f.split("=")[0] in ("--data_path", "--out_path", "--out_format", "--overwrite",
+                                                    "--block_cells")]
+    if own:
+        raise ScbertError(f"--preprocess_flags must not set {own[0]}: census.py sets it (pass it to census.py)")
+    if args.block_cells < 1:
+        raise ScbertError(f"--block_cells must be at least 1, got {args.block_cells}")
+    return [*flags, "--out_format", "shards", "--overwrite", str(args.overwrite), "--block_cells",
+            str(args.block_cells)]
 
 
 if __name__ == "__main__":

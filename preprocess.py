@@ -890,10 +890,13 @@ class H5adSink:
 
 class CountSource:
     """One input's counts for streaming: n_obs, obs, var, where they came from, and `block(start, stop)`, rows
-    [start, stop) as CSR. `checked`: the whole matrix was already checked to hold counts (else each block is)."""
+    [start, stop) as CSR. `checked`: the whole matrix was already checked to hold counts (else each block is).
+    Files are opened by `open_counts`; other sources (a Census query: census.py) build one themselves."""
 
-    def __init__(self, n_obs: int, obs: pd.DataFrame, var: pd.DataFrame, source: str, block, checked: bool):
+    def __init__(self, n_obs: int, obs: pd.DataFrame, var: pd.DataFrame, source: str, block, checked: bool,
+                 name: str | None = None):
         self.n_obs, self.obs, self.var, self.source, self.block, self.checked = n_obs, obs, var, source, block, checked
+        self.name = name  # how the input is recorded (a path is its absolute path; e.g. "census:<uri>")
 
 
 def _backed_counts(path: str, options: dict) -> CountSource | None:
@@ -966,12 +969,20 @@ def _stream_one(counts: CountSource, reference_genes: list[str], table: GeneTabl
     return {k: _plain(v) for k, v in summary.items()}, in_input
 
 
-def stream_preprocess(paths: Sequence[str], reference_genes: Sequence[str], sink, *, table: GeneTable,
+def input_name(path: str | CountSource) -> str:
+    """How an input is recorded in the output's params and `obs['input']`: a path's absolute path, a source's name."""
+    if isinstance(path, CountSource):
+        return path.name or "counts"
+    return os.path.abspath(path)
+
+
+def stream_preprocess(paths: Sequence[str | CountSource], reference_genes: Sequence[str], sink, *, table: GeneTable,
                       transpose: bool = False, block_cells: int = BLOCK_CELLS, **options) -> tuple[dict, np.ndarray]:
     """Preprocess every input in turn, each in row blocks of `block_cells`, handing kept cells to `sink.add`.
 
-    Memory is one block's counts and temporaries for a CSR `.h5ad` (read backed), else one input's counts (one 10x
-    sample, one file) plus one block's temporaries, whatever the number of inputs. With several inputs, obs gets an
+    Memory is one block's counts and temporaries for a CSR `.h5ad` (read backed) or a `CountSource` that reads
+    blocks (a Census query), else one input's counts (one 10x sample, one file) plus one block's temporaries, whatever
+    the number of inputs. With several inputs, obs gets an
     `input` column (the input's file or folder name). options: those of `preprocess_adata` (counts_from,
     var_column, id_column, duplicates, min_genes, allow_normalized; target_sum and log_base None to skip a step).
     Returns (summary: per-input summaries under "inputs" and the cell totals, in_input: whether any input had each
@@ -980,10 +991,10 @@ def stream_preprocess(paths: Sequence[str], reference_genes: Sequence[str], sink
     reference_genes = [str(g) for g in reference_genes]
     per_input, in_input = [], np.zeros(len(reference_genes), dtype=bool)
     for path in paths:
-        counts = open_counts(path, options, transpose)
-        label = os.path.basename(os.path.normpath(path)) if len(paths) > 1 else None
+        counts = path if isinstance(path, CountSource) else open_counts(path, options, transpose)
+        label = os.path.basename(os.path.normpath(input_name(path))) if len(paths) > 1 else None
         summary, found = _stream_one(counts, reference_genes, table, sink, options, block_cells, label)
-        per_input.append({"input": os.path.abspath(path), **summary})
+        per_input.append({"input": input_name(path), **summary})
         in_input |= found
         del counts
     if sum(s["cells_out"] for s in per_input) == 0:
@@ -1167,7 +1178,8 @@ def _preprocess_one_file(args, data_path: str, out_path: str, reference, referen
     return summary
 
 
-def _preprocess_streaming(args, paths: list[str], out_path: str, reference, reference_name: str, table) -> dict:
+def _preprocess_streaming(args, paths: list[str | CountSource], out_path: str, reference, reference_name: str,
+                          table) -> dict:
     """Several inputs, or a shard folder: every input in row blocks (`stream_preprocess`)."""
     from shards import ShardWriter
 
@@ -1177,7 +1189,7 @@ def _preprocess_streaming(args, paths: list[str], out_path: str, reference, refe
                                n_ref=len(reference), table=table, duplicates=args.duplicates,
                                counts_source=args.counts_from, var_column=args.var_column, id_column=args.id_column,
                                allow_normalized=args.allow_normalized)
-    params["input"] = json.dumps([os.path.abspath(p) for p in paths]) if len(paths) > 1 else os.path.abspath(paths[0])
+    params["input"] = json.dumps([input_name(p) for p in paths]) if len(paths) > 1 else input_name(paths[0])
     shards = args.out_format == "shards"
     sink = (ShardWriter(out_path, reference, kind="scbert", params=params, cells_per_shard=args.cells_per_shard)
             if shards else H5adSink())
@@ -1222,14 +1234,29 @@ def main(argv: Sequence[str] | None = None) -> dict:
     out_path = args.out_path or default_out_path(args.data_path[0], shards=shards)
     for path in args.data_path:
         check_out_path(path, out_path, args.overwrite, shards=shards)
-    reference = read_reference_genes(args.ref)
-    reference_name = args.ref if args.ref else f"default: {os.path.basename(DEFAULT_REFERENCE)}"
-    table = load_gene_table(args.gene_info)
+    reference, reference_name, table = _reference(args)
     what = input_kind(paths[0]) if len(paths) == 1 else f"{len(paths)} inputs"
     print(f"reading {', '.join(args.data_path)} ({what}); reference: {reference_name} ({len(reference)} genes)")
     if len(paths) == 1 and not shards:
         return _preprocess_one_file(args, paths[0], out_path, reference, reference_name, table)
     return _preprocess_streaming(args, paths, out_path, reference, reference_name, table)
+
+
+def _reference(args: argparse.Namespace) -> tuple[list[str], str, GeneTable]:
+    """The reference genes --ref names, how the output records them, and the gene table (--gene_info)."""
+    reference = read_reference_genes(args.ref)
+    reference_name = args.ref if args.ref else f"default: {os.path.basename(DEFAULT_REFERENCE)}"
+    return reference, reference_name, load_gene_table(args.gene_info)
+
+
+def preprocess_source(argv: Sequence[str], source: CountSource, out_path: str) -> dict:
+    """Another module's counts (a `CountSource`, e.g. census.py's query) through preprocess.py's streaming path into
+    `out_path`, with preprocess.py's flags `argv` (--ref, --min_genes, --out_format, --block_cells, ...)."""
+    args = get_args_parser().parse_args(["--data_path", source.name or "counts", "--out_path", out_path, *argv])
+    check_positive_sizes(args)
+    reference, reference_name, table = _reference(args)
+    print(f"reading {source.name}; reference: {reference_name} ({len(reference)} genes)")
+    return _preprocess_streaming(args, [source], out_path, reference, reference_name, table)
 
 
 def check_positive_sizes(args: argparse.Namespace) -> None:

@@ -124,3 +124,28 @@ def test_census_cli_exit_code(local_census, tmp_path):
          str(tmp_path / "y.h5ad")], capture_output=True, text=True,
     )
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "nope" in proc.stderr
+
+
+def test_a_census_query_streams_into_the_shards_preprocessing_its_h5ad_gives(local_census, tmp_path):
+    # Fetched and preprocessed 37 cells at a time (several blocks, the last one short): the same shard folder as
+    # census.py's .h5ad of raw counts put through preprocess.py --out_format shards.
+    import preprocess
+    from shards import ShardCorpus
+
+    uri, _ = local_census
+    flags = ["--uri", uri, "--max_cells", "400", "--seed", "3"]
+    census.main([*flags, "--out_path", str(tmp_path / "blood.h5ad")])
+    preprocess.main(["--data_path", str(tmp_path / "blood.h5ad"), "--ref", "panglao", "--min_genes", "20",
+                     "--out_format", "shards", "--out_path", str(tmp_path / "via_h5ad")])
+    result = census.main([*flags, "--out_format", "shards", "--block_cells", "37", "--out_path",
+                          str(tmp_path / "streamed"), "--preprocess_flags", "--ref panglao --min_genes 20"])
+    want, got = ShardCorpus(str(tmp_path / "via_h5ad")), ShardCorpus(str(tmp_path / "streamed"))
+    assert result["cells"] == got.n_obs == want.n_obs > 37 * 2
+    assert got.genes == want.genes
+    assert (got.to_csr() != want.to_csr()).nnz == 0
+    assert list(got.obs.index) == list(want.obs.index)
+    assert list(got.obs["donor_id"].astype(str)) == list(want.obs["donor_id"].astype(str))
+    assert got.manifest["params"]["input"] == f"census:{uri}"
+    with pytest.raises(ScbertError, match="must not set --out_path"):
+        census.main([*flags, "--out_format", "shards", "--out_path", str(tmp_path / "x"),
+                     "--preprocess_flags", "--out_path elsewhere"])
