@@ -2,7 +2,7 @@
 
     python predict.py --data_path query.h5ad --model_path finetuned_best.pth --novel_type True --unassign_thres 0.5
     python predict.py --data_path counts.h5ad --model_path finetuned_best.pth --preprocess True --plots True \
-        --majority_voting True --summary True
+        --majority_voting True
     python predict.py --show_model finetuned_best.pth
 
 The query is preprocess.py's output for the model's gene list (`preprocess.py --ref <checkpoint>`), or with
@@ -17,7 +17,7 @@ Files written (never over the input; an existing output only with `--overwrite T
 annotation_files.py: `<out>.h5ad` (default `<data stem>_scbert.h5ad` beside the input: the user's AnnData, every
 cell, plus the fields annotate.py lists), `<out>.csv` (cell_id, scbert_celltype, scbert_confidence, then
 prob_<class> for every class), with --label_key the metrics JSON and confusion CSV, with --attention the attention
-tables (performer_pytorch/interpret.py), with --summary True `<out stem>_summary.csv`, with --plots True three PNGs
+tables (performer_pytorch/interpret.py), `<out stem>_summary.csv` (unless --summary False), with --plots True three PNGs
 (plots.py). A shard folder (preprocess.py --out_format shards) or `--backed True` is read in row blocks of
 `--block_cells` cells, memory bounded by the block, with CSV outputs only (predict_stream.py).
 """
@@ -159,8 +159,9 @@ def add_annotation_flags(parser: argparse.ArgumentParser) -> None:
                        help="True: UMAP (label, confidence, majority vote), dot plot of top genes per type and a "
                        "confidence histogram, PNGs beside the output; without obsm['X_umap'] the UMAP is computed "
                        "from cell embeddings, so they are computed too (default: %(default)s)")
-    group.add_argument("--summary", type=str2bool, default=False,
-                       help="True: also write <out stem>_summary.csv, cells and share per predicted type")
+    group.add_argument("--summary", type=str2bool, default=True,
+                       help="write <out stem>_summary.csv, cells and share per predicted type (and per majority "
+                       "vote); False: leave it out (default: %(default)s)")
     group.add_argument("--backed", type=str2bool, default=False,
                        help="True: read the .h5ad in row blocks (X stays on disk), as a shard folder always is; "
                        "writes the CSV, summary, params and metrics files, not an .h5ad (predict_stream.py) "

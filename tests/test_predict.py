@@ -151,7 +151,7 @@ def test_reference_checkpoint_checks_the_gene_count(reference_files, tmp_path):
 
 def test_every_output_field(tiny, tmp_path):
     result = run(tiny, tmp_path, "--novel_type", "True", "--unassign_thres", "0.6", "--embeddings", "True")
-    assert set(result.paths) == {"h5ad", "csv"}
+    assert set(result.paths) == {"h5ad", "csv", "summary"}  # the summary unless --summary False
     adata = ad.read_h5ad(tmp_path / "out.h5ad")
     probs = adata.obsm["scbert_probabilities"]
     assert probs.shape == (30, 3) and probs.dtype == np.float32
@@ -203,6 +203,10 @@ def test_default_output_path_is_beside_the_input_and_never_overwritten(tiny, tmp
     with pytest.raises(ScbertError, match="already exists.*--overwrite True"):
         predict.main(["--data_path", query, "--model_path", tiny["ckpt"]])
     predict.main(["--data_path", query, "--model_path", tiny["ckpt"], "--overwrite", "True", "--device", "cpu"])
+    assert (tmp_path / "q_scbert_summary.csv").exists()
+    lean = predict.main(["--data_path", query, "--model_path", tiny["ckpt"], "--device", "cpu", "--summary", "False",
+                         "--out_path", str(tmp_path / "lean.h5ad")])
+    assert set(lean.paths) == {"h5ad", "csv"} and not (tmp_path / "lean_summary.csv").exists()
     with pytest.raises(ScbertError, match="is the input file"):
         predict.main(["--data_path", query, "--model_path", tiny["ckpt"], "--out_path", query, "--overwrite", "True"])
 

@@ -5,6 +5,7 @@ import json
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 
 import finetune
@@ -53,8 +54,14 @@ def test_pretrain_finetune_predict(binned_path, tmp_path):
     assert 0.0 <= results[0]["accuracy"] <= 1.0
     out = tmp_path / "pred.h5ad"
     result = predict.main(["--data_path", binned_path, "--model_path", str(ft_dir / "tft_best.pth"),
-                           "--label_key", "bulk_labels", "--embeddings", "True", "--out_path", str(out)])
+                           "--label_key", "bulk_labels", "--embeddings", "True", "--out_path", str(out),
+                           "--majority_voting", "True", "--plots", "True"])
     pred = ad.read_h5ad(out)
+    # CellTypist's refinement and the pictures work for this family too (t-test markers: it has no attention).
+    assert set(pred.obs["scbert_majority_voting"].astype(str)) <= set(pred.obs["scbert_celltype"].astype(str)) | {
+        "Unassigned"}
+    for kind in ("umap", "dotplot", "confidence"):
+        assert open(result.paths[kind], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     classes = sorted(set(pred.obs["bulk_labels"]))
     assert list(pred.obs["scbert_celltype"].cat.categories) == classes
     np.testing.assert_allclose(pred.obsm["scbert_probabilities"].sum(axis=1), 1.0, rtol=1e-5)
@@ -67,6 +74,19 @@ def test_pretrain_finetune_predict(binned_path, tmp_path):
     again = annotate(ad.read_h5ad(binned_path), str(ft_dir / "tft_best.pth"))
     np.testing.assert_allclose(again.obsm["scbert_probabilities"], pred.obsm["scbert_probabilities"], atol=1e-6)
     assert (again.obs["scbert_celltype"].astype(str) == pred.obs["scbert_celltype"].astype(str)).all()
+    # The same bins as a shard folder, predicted in row blocks, give the same CSV rows.
+    from shards import ShardWriter
+
+    binned = ad.read_h5ad(binned_path)
+    writer = ShardWriter(str(tmp_path / "shards"), binned.var_names, kind="scgpt", cells_per_shard=128)
+    writer.add(binned.X, binned.obs)
+    writer.close()
+    predict.main(["--data_path", str(tmp_path / "shards"), "--model_path", str(ft_dir / "tft_best.pth"),
+                  "--block_cells", "100", "--out_path", str(tmp_path / "streamed.csv")])
+    streamed, whole = pd.read_csv(tmp_path / "streamed.csv"), pd.read_csv(tmp_path / "pred.csv")
+    assert list(streamed["scbert_celltype"]) == list(whole["scbert_celltype"])
+    probs = [f"prob_{c}" for c in classes]
+    np.testing.assert_allclose(streamed[probs].to_numpy(), whole[probs].to_numpy(), atol=1e-5)
 
 
 def test_transformer_data_must_be_binned(tmp_path):
