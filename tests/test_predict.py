@@ -437,7 +437,7 @@ def test_two_processes_under_torchrun_write_what_one_process_writes(tiny, tmp_pa
         sock.bind(("127.0.0.1", 0))
         port = str(sock.getsockname()[1])
     extra = ["--novel_type", "True", "--embeddings", "True", "--attention", "cell", "--batch_size", "4",
-             "--label_key", "celltype"]
+             "--label_key", "celltype", "--majority_voting", "True"]
     one = run(tiny, tmp_path, *extra, name="one.h5ad")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": port}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
@@ -447,6 +447,7 @@ def test_two_processes_under_torchrun_write_what_one_process_writes(tiny, tmp_pa
     assert done.returncode == 0, done.stderr[-3000:]
     two = ad.read_h5ad(tmp_path / "two.h5ad")
     assert list(two.obs["scbert_celltype"]) == list(one.adata.obs["scbert_celltype"])
+    assert list(two.obs["scbert_majority_voting"]) == list(one.adata.obs["scbert_majority_voting"])
     np.testing.assert_allclose(two.obsm["scbert_probabilities"], one.predictions.probs, atol=1e-6)
     np.testing.assert_allclose(two.obsm["X_scbert"], one.adata.obsm["X_scbert"], atol=1e-6)
     np.testing.assert_allclose(np.load(tmp_path / "two_attention_cells.npy"),
