@@ -58,8 +58,12 @@ def looks_binned(x: sp.spmatrix | np.ndarray, n_bins: int) -> bool:
     return bool(np.mean(maxima == n_bins - 1) > BINNED_TOP_SHARE)
 
 
-def bin_cells(x: sp.spmatrix | np.ndarray, n_bins: int = 51, seed: int = 0) -> tuple[sp.csr_matrix, np.ndarray]:
+def bin_cells(x: sp.spmatrix | np.ndarray, n_bins: int = 51, seed: int = 0,
+              rng: np.random.Generator | None = None) -> tuple[sp.csr_matrix, np.ndarray]:
     """Per-cell quantile binning of `x` (cells x genes, non-negative, dense or sparse).
+
+    Ties are spread with one uniform number per stored value, drawn in row order from `rng` (default: a new
+    generator from `seed`); passing one generator to consecutive row blocks bins them as one matrix would be.
 
     Returns (bins, edges): bins is CSR of `bin_dtype(n_bins)` with the sparsity of `x` (0 stays 0, non-zeros in
     1..n_bins-1, sorted indices); edges is (cells, n_bins - 1) float32, row i the edges of cell i.
@@ -86,7 +90,7 @@ def bin_cells(x: sp.spmatrix | np.ndarray, n_bins: int = 51, seed: int = 0) -> t
             f"the values are already bins (whole numbers 0..{n_bins - 1} with the top bin in most cells): pass counts "
             f"or normalised values, not a binned matrix"
         )
-    u = np.random.default_rng(seed).random(data.size)
+    u = (rng if rng is not None else np.random.default_rng(seed)).random(data.size)
     out = np.empty(data.size, dtype=bin_dtype(n_bins))
     edges = np.empty((x.shape[0], n_bins - 1), dtype=np.float32)
     for i in range(x.shape[0]):

@@ -42,19 +42,26 @@ def _count_problem(x: sp.csr_matrix) -> str | None:
     return None
 
 
-def _align(x: sp.csr_matrix, names: Sequence[str], genes: Sequence[str]) -> tuple[sp.csr_matrix, int]:
-    """Columns of `x` moved to `genes` order (missing genes zero, extra genes dropped); returns (matrix, found)."""
+def _alignment(names: Sequence[str], genes: Sequence[str]) -> tuple[sp.csr_matrix, int]:
+    """(input genes x `genes`) 0/1 matrix moving columns to `genes` order (missing genes zero, extra genes dropped,
+    a repeated name keeps its first column), and how many of `genes` the input has."""
     position = {g: j for j, g in enumerate(genes)}
     source, target = [], []
     for i, name in enumerate(names):
-        j = position.pop(str(name), None)  # a repeated name keeps its first column
+        j = position.pop(str(name), None)
         if j is not None:
             source.append(i)
             target.append(j)
     mapping = sp.csr_matrix(
-        (np.ones(len(source), dtype=np.float32), (source, target)), shape=(x.shape[1], len(genes))
+        (np.ones(len(source), dtype=np.float32), (source, target)), shape=(len(names), len(genes))
     )
-    return sp.csr_matrix(x @ mapping), len(source)
+    return mapping, len(source)
+
+
+def _align(x: sp.csr_matrix, names: Sequence[str], genes: Sequence[str]) -> tuple[sp.csr_matrix, int]:
+    """Columns of `x` moved to `genes` order (see `_alignment`); returns (matrix, found)."""
+    mapping, found = _alignment(names, genes)
+    return sp.csr_matrix(x @ mapping), found
 
 
 def _checked_counts(adata: ad.AnnData, counts_layer: str | None, n_bins: int, genes, hvg_batch_key):
@@ -177,9 +184,9 @@ def preprocess_scgpt(
     out = ad.AnnData(X=bins, obs=work.obs.copy(), var=work.var.copy())
     out.layers[NORMALISED_LAYER] = normed
     out.uns[SCGPT_UNS_KEY] = {
-        "params": {"recipe": "scgpt", "n_hvg": int(n_hvg) if genes is None else 0,
-                   "hvg_batch_key": hvg_batch_key or "", "hvg_span": float(span), "n_bins": int(n_bins),
-                   "target_sum": float(target_sum), "seed": int(seed), "genes": gene_source, "counts_from": where},
+        "params": _recipe_params(n_hvg=n_hvg if genes is None else 0, hvg_batch_key=hvg_batch_key, span=span,
+                                 n_bins=n_bins, target_sum=target_sum, seed=seed, gene_source=gene_source,
+                                 where=where),
         "summary": {"cells_in": int(cells_in), "cells_out": int(out.n_obs),
                     "cells_without_counts": int(cells_in - cells_before),
                     "cells_empty_over_genes": int(cells_before - out.n_obs), "genes_in": int(genes_in),
@@ -210,7 +217,9 @@ def get_args_parser(add_help: bool = True):
         "scGPT recipe: raw counts -> HVG-restricted, per-cell binned values for the transformer", add_help=add_help
     )
     parser.add_argument("--recipe", default="scgpt", choices=["scgpt"], help="this recipe (from preprocess.py)")
-    parser.add_argument("--data_path", required=True, help="raw counts: .h5ad, 10x folder or .h5, or a table")
+    parser.add_argument("--data_path", required=True, nargs="+",
+                        help="raw counts: .h5ad, 10x folder or .h5, or a table; several inputs or a folder of them "
+                        "with --out_format shards (read in row blocks: scgpt_stream.py)")
     parser.add_argument("--out_path", default=None, help="output .h5ad (default: <input>_scgpt.h5ad)")
     parser.add_argument("--ref", default=None,
                         help="a transformer checkpoint: use its vocabulary's genes instead of choosing HVGs")
@@ -224,10 +233,20 @@ def get_args_parser(add_help: bool = True):
     parser.add_argument("--seed", type=int, default=0, help="seed of the random spreading of tied values")
     parser.add_argument("--overwrite", type=str2bool, default=False, help="replace an existing --out_path")
     parser.add_argument("--out_format", default="h5ad", choices=["h5ad", "shards"],
-                        help="h5ad, or shards: a folder of memory-mapped shards of the bins (shards.py); the HVG "
-                        "choice needs every cell, so this recipe holds the input in memory")
+                        help="h5ad (one input, in memory), or shards: a folder of memory-mapped shards of the bins "
+                        "(shards.py), the inputs read in row blocks, HVGs from per-batch sums over two passes "
+                        "(scgpt_stream.py, hvg.py)")
     parser.add_argument("--cells_per_shard", type=int, default=65536, help="cells per shard of --out_format shards")
+    parser.add_argument("--block_cells", type=int, default=16384,
+                        help="with --out_format shards: cells read per block (memory grows with it, not with the "
+                        "number of cells) (default: %(default)s)")
     return parser
+
+
+def _recipe_params(*, n_hvg, hvg_batch_key, span, n_bins, target_sum, seed, gene_source, where) -> dict:
+    return {"recipe": "scgpt", "n_hvg": int(n_hvg), "hvg_batch_key": hvg_batch_key or "", "hvg_span": float(span),
+            "n_bins": int(n_bins), "target_sum": float(target_sum), "seed": int(seed), "genes": gene_source,
+            "counts_from": where}
 
 
 def write_scgpt_shards(out: ad.AnnData, folder: str, *, cells_per_shard: int, overwrite: bool = False) -> dict:
@@ -248,24 +267,37 @@ def main(argv: Sequence[str] | None = None) -> dict:
     """Run the recipe on one file and write the output; returns the summary."""
     import os
 
-    from preprocess import check_out_path, read_input, write_h5ad_atomic
+    from preprocess import check_out_path, check_positive_sizes, input_paths, read_input, write_h5ad_atomic
 
     args = get_args_parser().parse_args(argv)
+    check_positive_sizes(args)
     shards = args.out_format == "shards"
-    stem = os.path.splitext(os.path.normpath(args.data_path))[0]
+    paths = input_paths(args.data_path)
+    stem = os.path.splitext(os.path.normpath(args.data_path[0]))[0]
     out_path = args.out_path or (f"{stem}_scgpt_shards" if shards else f"{stem}_scgpt.h5ad")
-    check_out_path(args.data_path, out_path, args.overwrite, shards=shards)
+    for path in args.data_path:
+        check_out_path(path, out_path, args.overwrite, shards=shards)
     genes = reference_genes(args.ref) if args.ref else None
-    adata = read_input(args.data_path)
     batch_key = None if str(args.hvg_batch_key).lower() == "none" else args.hvg_batch_key
+    if shards:
+        from scgpt_stream import stream_scgpt
+
+        summary = stream_scgpt(paths, out_path, n_hvg=args.n_hvg, hvg_batch_key=batch_key, span=args.hvg_span,
+                               n_bins=args.n_bins, seed=args.seed, genes=genes, counts_layer=args.counts_layer,
+                               block_cells=args.block_cells, cells_per_shard=args.cells_per_shard,
+                               overwrite=args.overwrite)
+        print(f"wrote {out_path}: {summary['cells_out']} cells x {summary['genes_out']} genes "
+              f"({summary['genes_found']} found), bins 1..{args.n_bins - 1}")
+        return summary
+    if len(paths) > 1:
+        raise ScbertError(f"--data_path names {len(paths)} inputs: the in-memory recipe takes one; pass "
+                          "--out_format shards to preprocess them together in row blocks")
+    adata = read_input(paths[0])
     out = preprocess_scgpt(adata, n_hvg=args.n_hvg, hvg_batch_key=batch_key, span=args.hvg_span, n_bins=args.n_bins,
                            seed=args.seed, genes=genes, counts_layer=args.counts_layer)
-    out.uns[SCGPT_UNS_KEY]["params"]["input"] = os.path.abspath(args.data_path)
+    out.uns[SCGPT_UNS_KEY]["params"]["input"] = os.path.abspath(paths[0])
     summary = dict(out.uns[SCGPT_UNS_KEY]["summary"])
-    if shards:
-        write_scgpt_shards(out, out_path, cells_per_shard=args.cells_per_shard, overwrite=args.overwrite)
-    else:
-        write_h5ad_atomic(out, out_path)
+    write_h5ad_atomic(out, out_path)
     print(f"wrote {out_path}: {out.n_obs} cells x {out.n_vars} genes ({summary['genes_found']} found), bins "
           f"1..{args.n_bins - 1} in X, log1p(CP10K) in layers[{NORMALISED_LAYER!r}]")
     return summary
