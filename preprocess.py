@@ -1251,7 +1251,14 @@ def _reference(args: argparse.Namespace) -> tuple[list[str], str, GeneTable]:
 
 def preprocess_source(argv: Sequence[str], source: CountSource, out_path: str) -> dict:
     """Another module's counts (a `CountSource`, e.g. census.py's query) through preprocess.py's streaming path into
-    `out_path`, with preprocess.py's flags `argv` (--ref, --min_genes, --out_format, --block_cells, ...)."""
+    `out_path`, with preprocess.py's flags `argv` (--ref, --min_genes, --out_format, --block_cells, ...; with
+    --recipe scgpt the scGPT recipe's flags, into shards: scgpt_stream.py)."""
+    recipe = argparse.ArgumentParser(add_help=False)
+    recipe.add_argument("--recipe", default="scbert")
+    if recipe.parse_known_args(argv)[0].recipe == "scgpt":
+        from scgpt_preprocess import scgpt_source
+
+        return scgpt_source(argv, source, out_path)
     args = get_args_parser().parse_args(["--data_path", source.name or "counts", "--out_path", out_path, *argv])
     check_positive_sizes(args)
     reference, reference_name, table = _reference(args)

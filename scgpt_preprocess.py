@@ -303,6 +303,25 @@ def main(argv: Sequence[str] | None = None) -> dict:
     return summary
 
 
+def scgpt_source(argv: Sequence[str], source, out_path: str) -> dict:
+    """Another module's counts (a `preprocess.CountSource`, e.g. census.py's query) through the recipe into a shard
+    folder, with this recipe's flags `argv`; each pass reads the source again. Returns the summary."""
+    from preprocess import check_positive_sizes
+    from scgpt_stream import stream_scgpt
+
+    args = get_args_parser().parse_args(["--data_path", source.name or "counts", "--out_path", out_path, *argv])
+    check_positive_sizes(args)
+    if args.out_format != "shards":
+        raise ScbertError("a streamed source is written as shards: pass --out_format shards")
+    batch_key = None if str(args.hvg_batch_key).lower() == "none" else args.hvg_batch_key
+    summary = stream_scgpt([source], out_path, n_hvg=args.n_hvg, hvg_batch_key=batch_key, span=args.hvg_span,
+                           n_bins=args.n_bins, seed=args.seed, genes=reference_genes(args.ref) if args.ref else None,
+                           counts_layer=args.counts_layer, block_cells=args.block_cells,
+                           cells_per_shard=args.cells_per_shard, overwrite=args.overwrite)
+    print(f"wrote {out_path}: {summary['cells_out']} cells x {summary['genes_out']} genes, bins 1..{args.n_bins - 1}")
+    return summary
+
+
 if __name__ == "__main__":
     from utils import run_cli
 

@@ -45,11 +45,13 @@ class _Inputs:
         self.where = "X" if counts_layer is None else f"layer {counts_layer!r}"
 
     def blocks(self) -> Iterator[tuple[int, object, int, sp.csr_matrix, np.ndarray]]:
-        """(input index, its CountSource, first row, counts CSR float32, whether each row has counts)."""
-        from preprocess import open_counts
+        """(input index, its CountSource, first row, counts CSR float32, whether each row has counts). An input is a
+        path (opened by `preprocess.open_counts` on each pass) or a `CountSource` (e.g. census.py's query)."""
+        from preprocess import CountSource, input_name, open_counts
 
-        for k, path in enumerate(self.paths):
-            counts = open_counts(path, self.options)
+        for k, item in enumerate(self.paths):
+            counts = item if isinstance(item, CountSource) else open_counts(item, self.options)
+            path = input_name(item)
             if self.batch_key is not None and self.batch_key not in counts.obs.columns:
                 raise ScbertError(
                     f"--hvg_batch_key {self.batch_key!r} is not a column of obs in {path} (columns: "
@@ -70,6 +72,11 @@ class _Inputs:
             raise ScbertError(f"{self.where} of {path} already holds bins (whole numbers 0..{self.n_bins - 1}): pass "
                               "the raw counts it was made from")
 
+    def name(self, k: int) -> str:
+        from preprocess import input_name
+
+        return input_name(self.paths[k])
+
     def batches(self, counts, start: int, n: int) -> np.ndarray:
         if self.batch_key is None:
             return np.zeros(n, dtype=object)
@@ -85,7 +92,7 @@ def _choose_hvgs(inputs: _Inputs, n_hvg: int, span: float) -> tuple[list[str], n
         if names is None:
             names, sums = mine, BatchSums(len(mine))
         elif mine != names:
-            raise ScbertError(f"{inputs.paths[k]} has other genes than {inputs.paths[0]}: highly variable genes need "
+            raise ScbertError(f"{inputs.name(k)} has other genes than {inputs.name(0)}: highly variable genes need "
                               "one gene list; pass --ref <a transformer checkpoint> to align every input to its "
                               "vocabulary, or merge the inputs")
         sums.add(x[has], inputs.batches(counts, start, x.shape[0])[has])
@@ -99,11 +106,12 @@ def _choose_hvgs(inputs: _Inputs, n_hvg: int, span: float) -> tuple[list[str], n
     return names, fit.select(n_hvg), int(with_counts.size)
 
 
-def stream_scgpt(paths: Sequence[str], folder: str, *, n_hvg: int = 1200, hvg_batch_key: str | None = "donor_id",
+def stream_scgpt(paths: Sequence, folder: str, *, n_hvg: int = 1200, hvg_batch_key: str | None = "donor_id",
                  span: float = 1.0, n_bins: int = 51, target_sum: float = 1e4, seed: int = 0,
                  genes: Sequence[str] | None = None, counts_layer: str | None = None, block_cells: int = 16384,
                  cells_per_shard: int = 65536, overwrite: bool = False) -> dict:
-    """Run the recipe over the inputs' row blocks into the shard folder `folder`; returns the summary."""
+    """Run the recipe over the inputs' row blocks (paths, or `preprocess.CountSource`s, each read once per pass)
+    into the shard folder `folder`; returns the summary."""
     from shards import ShardWriter
 
     if not 2 <= n_bins <= 128:
@@ -117,7 +125,10 @@ def stream_scgpt(paths: Sequence[str], folder: str, *, n_hvg: int = 1200, hvg_ba
     params = _recipe_params(n_hvg=n_hvg if genes is None else 0, hvg_batch_key=hvg_batch_key, span=span,
                             n_bins=n_bins, target_sum=target_sum, seed=seed, gene_source=gene_source,
                             where=inputs.where)
-    params["input"] = os.path.abspath(paths[0]) if len(paths) == 1 else str([os.path.abspath(p) for p in paths])
+    from preprocess import input_name
+
+    names = [input_name(p) for p in paths]
+    params["input"] = names[0] if len(names) == 1 else str(names)
     writer = ShardWriter(folder, kept, kind="scgpt", params=params, cells_per_shard=cells_per_shard)
     try:
         summary = _bin_into(writer, inputs, kept, chosen if genes is None else None, target_sum, n_bins, seed)
@@ -143,7 +154,7 @@ def _bin_into(writer, inputs: _Inputs, kept: list[str], chosen: np.ndarray | Non
             if chosen is None:
                 mapping, found = _alignment([str(g) for g in counts.var.index], kept)
                 if found == 0:
-                    raise ScbertError(f"none of the {counts.var.shape[0]} genes of {inputs.paths[k]} is in the "
+                    raise ScbertError(f"none of the {counts.var.shape[0]} genes of {inputs.name(k)} is in the "
                                       f"vocabulary of {len(kept)} genes (e.g. {kept[:3]}): check that var_names hold "
                                       "gene symbols like the model's")
         cells_in += x.shape[0]
@@ -161,7 +172,7 @@ def _bin_into(writer, inputs: _Inputs, kept: list[str], chosen: np.ndarray | Non
         obs = counts.obs.iloc[start + rows[nonempty]].copy()
         obs["n_counts"] = cell_totals[nonempty]
         if len(inputs.paths) > 1:
-            obs["input"] = os.path.basename(os.path.normpath(inputs.paths[k]))
+            obs["input"] = os.path.basename(os.path.normpath(inputs.name(k)))
         writer.add(bins, obs)
     cells_out = cells_in - without_counts - empty
     if cells_out == 0:

@@ -4,6 +4,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse as sp
 
 pytest.importorskip("tiledbsoma", reason="census.py needs tiledbsoma (requirements.txt)")
 pytest.importorskip("cellxgene_census", reason="census.py needs cellxgene-census (requirements.txt)")
@@ -149,3 +150,21 @@ def test_a_census_query_streams_into_the_shards_preprocessing_its_h5ad_gives(loc
     with pytest.raises(ScbertError, match="must not set --out_path"):
         census.main([*flags, "--out_format", "shards", "--out_path", str(tmp_path / "x"),
                      "--preprocess_flags", "--out_path elsewhere"])
+
+
+def test_a_census_query_streams_through_the_scgpt_recipe(local_census, tmp_path):
+    # Three passes over the collection (HVG sums, clipped sums, bins), 50 cells a fetch: the in-memory recipe's
+    # genes and bins on census.py's .h5ad of the same cells.
+    from scgpt_preprocess import preprocess_scgpt
+    from shards import ShardCorpus
+
+    uri, _ = local_census
+    flags = ["--uri", uri, "--max_cells", "400", "--seed", "3"]
+    census.main([*flags, "--out_path", str(tmp_path / "blood.h5ad")])
+    expected = preprocess_scgpt(ad.read_h5ad(tmp_path / "blood.h5ad"), n_hvg=100, n_bins=21)
+    census.main([*flags, "--out_format", "shards", "--block_cells", "50", "--out_path", str(tmp_path / "binned"),
+                 "--preprocess_flags", "--recipe scgpt --n_hvg 100 --n_bins 21"])
+    got = ShardCorpus(str(tmp_path / "binned"))
+    assert got.genes == list(expected.var_names)
+    assert (got.to_csr() != sp.csr_matrix(expected.X, dtype=np.float32)).nnz == 0
+    assert list(got.obs.index) == list(expected.obs_names)
