@@ -62,7 +62,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     parser.add_argument("--data_path", required=True,
                         help="query .h5ad from preprocess.py --ref <checkpoint> (log2(1 + CP10K) over the model's "
-                        "genes, in its order)")
+                        "genes, in its order), or a shard folder from preprocess.py --ref <checkpoint> --out_format "
+                        "shards (read in row blocks: predict_stream.py)")
     parser.add_argument("--model_path", required=True,
                         help="fine-tuned checkpoint (finetune.py's <model_name>_best.pth, or the reference's with "
                         "--label_dict); GPU checkpoints load on CPU")

@@ -109,9 +109,10 @@ def test_two_ranks_share_the_blocks_and_rank_0_writes_them_in_cell_order(query, 
         sock.bind(("127.0.0.1", 0))
         port = str(sock.getsockname()[1])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": port, "PYTHONWARNINGS": "ignore"}
-    # 30 cells in blocks of 4: 8 blocks, 4 rounds, the last block of 2 cells; rank 1 takes blocks 1, 3, 5, 7.
+    # 30 cells in blocks of 7: 5 blocks in 3 rounds, the last block of 2 cells; rank 1 takes blocks 1 and 3 and
+    # has none in the last round (it still joins the gather).
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-           "predict.py", "--data_path", query["shards"], "--model_path", query["ckpt"], "--block_cells", "4",
+           "predict.py", "--data_path", query["shards"], "--model_path", query["ckpt"], "--block_cells", "7",
            "--out_path", str(tmp_path / "two.csv"), *query["flags"]]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
