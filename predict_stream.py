@@ -21,11 +21,18 @@ each written under a temporary name and renamed when complete; never over the in
 `<stem>_summary.csv` (cells and share per predicted type), `<stem>_params.json` (what uns['<prefix>predict'] holds on
 the in-memory path: settings, classes, metrics), with `--label_key` `<stem>_metrics.json` and `<stem>_confusion.csv`.
 `<stem>` is `--out_path` without its `.csv`/`.h5ad` ending, by default `<data stem>_scbert` beside the input.
+
+An interrupted run resumes: the CSV grows as `<stem>.csv.partial`, synced after every round, with the cells it holds
+and its length in `<stem>.csv.partial.json` beside a fingerprint of the settings. The same command again cuts the
+partial file back to its last complete round, counts its labels again and predicts only the cells after it (with
+any number of ranks); other settings start from the beginning.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import sys
 import time
@@ -41,7 +48,7 @@ from tqdm import tqdm
 
 import voting
 from annotate import Annotator, Refinement, assign_labels, check_model_flags, check_query, load_annotator, predict_cells
-from distributed import DistContext, gather_tensors
+from distributed import DistContext, gather_tensors, reduce_sum
 from metrics import annotation_metrics, format_metrics
 from shards import is_shard_folder, open_corpus
 from utils import ScbertError, atomic_write, check_expression, write_json
@@ -165,15 +172,47 @@ def _labels(probs: np.ndarray, classes: list[str], refine: Refinement) -> tuple[
 
 
 class _Writer:
-    """Rank 0's running outputs: CSV rows appended block by block, label counts, labels kept for the metrics."""
+    """Rank 0's running outputs: CSV rows appended round by round to `<csv>.partial`, durable after each round (its
+    length and cell count in `<csv>.partial.json`, with the run's fingerprint), label counts, labels for metrics."""
 
-    def __init__(self, fh, classes: list[str], refine: Refinement, source: BlockSource):
-        self.fh, self.classes, self.refine, self.source = fh, classes, refine, source
+    def __init__(self, csv_path: str, classes: list[str], refine: Refinement, source: BlockSource, fingerprint: str):
+        self.csv_path, self.classes, self.refine, self.source = csv_path, classes, refine, source
+        self.partial, self.progress = f"{csv_path}.partial", f"{csv_path}.partial.json"
+        self.fingerprint = fingerprint
         self.counts: Counter[str] = Counter()
         self.predicted: list[np.ndarray] = []
-        keys = refine.keys
-        columns = ["cell_id", keys.label, keys.confidence, *(f"prob_{c}" for c in classes)]
-        fh.write(pd.DataFrame(columns=columns).to_csv(index=False))
+        self.cells = 0
+        self.fh = None
+
+    def resume_point(self, say) -> int:
+        """Cells already written by an interrupted run with the same settings (0 if none); the partial file is cut
+        back to its last complete round and its labels counted again."""
+        try:
+            with open(self.progress, encoding="utf-8") as fh:
+                done = json.load(fh)
+        except (OSError, ValueError):
+            done = None
+        if (done is None or done.get("fingerprint") != self.fingerprint or not os.path.exists(self.partial)
+                or os.path.getsize(self.partial) < int(done["bytes"])):
+            if done is not None:
+                say(f"{self.partial} was written with other settings (or is incomplete): predicting from the start")
+            self.fh = open(self.partial, "w", encoding="utf-8", newline="")
+            keys = self.refine.keys
+            columns = ["cell_id", keys.label, keys.confidence, *(f"prob_{c}" for c in self.classes)]
+            self.fh.write(pd.DataFrame(columns=columns).to_csv(index=False))
+            return 0
+        with open(self.partial, "r+b") as fh:
+            fh.truncate(int(done["bytes"]))
+        labels = pd.read_csv(self.partial, usecols=[self.refine.keys.label], dtype=str, keep_default_na=False)
+        labels = labels[self.refine.keys.label].to_numpy(dtype=object)
+        self.counts.update(labels)
+        if self.refine.label_key:
+            self.predicted.append(labels)
+        self.cells = int(done["cells"])
+        self.fh = open(self.partial, "a", encoding="utf-8", newline="")
+        say(f"resuming: {self.cells} of {self.source.n_obs} cells were predicted by an interrupted run "
+            f"({self.partial}); predicting the rest")
+        return self.cells
 
     def add(self, first: int, probs: np.ndarray) -> None:
         labels, confidence = _labels(probs, self.classes, self.refine)
@@ -185,24 +224,43 @@ class _Writer:
                               keys.label: labels, keys.confidence: confidence})
         table = pd.concat([table, pd.DataFrame(probs, columns=[f"prob_{c}" for c in self.classes])], axis=1)
         self.fh.write(table.to_csv(index=False, header=False, float_format="%.6g"))
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+        self.cells = first + len(probs)
+        write_json(self.progress, {"fingerprint": self.fingerprint, "cells": self.cells, "bytes": self.fh.tell()})
+
+    def finish(self) -> None:
+        """The complete CSV moved into place; the progress record removed."""
+        self.fh.close()
+        os.replace(self.partial, self.csv_path)
+        os.remove(self.progress)
 
 
-def _round_robin(n_obs: int, block: int, ctx: DistContext):
-    """(round's first cell, this rank's (start, end) or None) per round; every rank runs every round."""
-    n_blocks = -(-n_obs // block)
+def _fingerprint(record: dict[str, Any]) -> str:
+    """What makes two runs write the same rows: the record's settings, less those that do not change them."""
+    settings = {k: v for k, v in record["params"].items() if k not in ("device", "batch_size", "block_cells")}
+    text = json.dumps({"params": settings, "classes": record["classes"]}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _round_robin(n_obs: int, block: int, ctx: DistContext, start: int = 0):
+    """(round's first cell, this rank's (start, end) or None) per round, blocks from cell `start` on; every rank
+    runs every round."""
+    n_blocks = -(-(n_obs - start) // block)
     for r in range(-(-n_blocks // ctx.world_size)):
         mine = r * ctx.world_size + ctx.rank
-        yield (r * ctx.world_size * block,
-               (mine * block, min((mine + 1) * block, n_obs)) if mine < n_blocks else None)
+        first = start + mine * block
+        yield (start + r * ctx.world_size * block,
+               (first, min(first + block, n_obs)) if mine < n_blocks else None)
 
 
 def _predict_all(source: BlockSource, annotator: Annotator, args, ctx: DistContext, writer: _Writer | None,
-                 progress: bool) -> float:
+                 progress: bool, start: int) -> float:
     """Every round: this rank's block predicted, all probabilities gathered; rank 0 hands them to the writer."""
     n_classes = len(annotator.classes)
     seconds = 0.0
-    with tqdm(total=source.n_obs, unit="cell", disable=not progress, file=sys.stderr) as bar:
-        for first, rows in _round_robin(source.n_obs, args.block_cells, ctx):
+    with tqdm(total=source.n_obs, initial=start, unit="cell", disable=not progress, file=sys.stderr) as bar:
+        for first, rows in _round_robin(source.n_obs, args.block_cells, ctx, start):
             probs = torch.zeros((0, n_classes), dtype=torch.float32)
             if rows is not None:
                 done = predict_cells(annotator.model, source.rows(*rows), batch_size=args.batch_size,
@@ -229,29 +287,24 @@ def predict_streamed(args: argparse.Namespace, refine: Refinement, ctx: DistCont
         columns = ", ".join(map(str, source.columns[:10])) or "none"
         raise ScbertError(f"--label_key {args.label_key!r} is not a column of obs in {source.name} (columns: "
                           f"{columns}): pass one of them or drop the flag")
-    say(f"predicting {source.n_obs} cells in blocks of {args.block_cells} with {len(annotator.classes)} classes on "
-        f"{ctx.device} x {ctx.world_size}")
     record = {"params": {**params(annotator), **refine.params(), "streamed": True,
                          "block_cells": int(args.block_cells)},
               "classes": list(annotator.classes)}
+    writer = None
+    if ctx.is_main:
+        writer = _Writer(paths["csv"], list(annotator.classes), refine, source, _fingerprint(record))
+    start_cell = writer.resume_point(say) if writer is not None else 0
+    start_cell = int(reduce_sum(torch.tensor([float(start_cell)]), ctx)[0])  # rank 0's number, on every rank
+    say(f"predicting {source.n_obs - start_cell} cells in blocks of {args.block_cells} with "
+        f"{len(annotator.classes)} classes on {ctx.device} x {ctx.world_size}")
     start = time.perf_counter()
-    progress = ctx.is_main and getattr(say, "progress", True)
-    if not ctx.is_main:
-        _predict_all(source, annotator, args, ctx, None, progress=False)
+    _predict_all(source, annotator, args, ctx, writer, progress=ctx.is_main and getattr(say, "progress", True),
+                 start=start_cell)
+    if writer is None:
         return paths, record
-    writer: _Writer | None = None
-
-    def write_csv(tmp: str) -> None:
-        nonlocal writer
-        with open(tmp, "w", encoding="utf-8", newline="") as fh:
-            writer = _Writer(fh, list(annotator.classes), refine, source)
-            _predict_all(source, annotator, args, ctx, writer, progress=progress)
-            fh.flush()
-            os.fsync(fh.fileno())
-
-    atomic_write(paths["csv"], write_csv)
-    wall = time.perf_counter() - start
-    say(f"predicted {source.n_obs} cells in {wall:.1f} s ({source.n_obs / max(wall, 1e-9):.1f} cells/s)")
+    writer.finish()
+    wall, n = time.perf_counter() - start, source.n_obs - start_cell
+    say(f"predicted {n} cells in {wall:.1f} s ({n / max(wall, 1e-9):.1f} cells/s)")
     _write_tables(writer, source, annotator, refine, paths, record, say)
     return paths, record
 

@@ -85,6 +85,42 @@ def test_prob_match_and_the_default_output_name(query, tmp_path):
             os.remove(path)
 
 
+def test_an_interrupted_prediction_resumes_at_its_last_complete_round(query, tmp_path, monkeypatch):
+    import predict_stream
+
+    real, calls = predict_stream.predict_cells, []
+
+    def counting(model, x, **kwargs):
+        calls.append(x.shape[0])
+        if fail_after is not None and len(calls) > fail_after:
+            raise RuntimeError("killed")
+        return real(model, x, **kwargs)
+
+    monkeypatch.setattr(predict_stream, "predict_cells", counting)
+    argv = ["--data_path", query["shards"], "--model_path", query["ckpt"], "--out_path", str(tmp_path / "out.csv"),
+            "--block_cells", "4", *query["flags"]]
+    fail_after = 3  # three blocks (12 cells) written, the fourth one killed
+    with pytest.raises(RuntimeError, match="killed"):
+        predict.main(argv)
+    assert not (tmp_path / "out.csv").exists()
+    assert json.loads((tmp_path / "out.csv.partial.json").read_text())["cells"] == 12
+    calls.clear()
+    fail_after = None
+    result = predict.main(argv)
+    assert calls == [4, 4, 4, 4, 2]  # only the 18 cells left
+    _same_as_in_memory(query, tmp_path / "out.csv")
+    assert result.metrics == query["whole_metrics"]  # labels of the first run's cells counted again
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(os.path.basename(p) for p in result.paths.values())
+
+    # Other settings than the interrupted run's: its rows are not reused.
+    fail_after, calls[:] = 2, []
+    with pytest.raises(RuntimeError, match="killed"):
+        predict.main([*argv, "--overwrite", "True"])
+    fail_after, calls[:] = None, []
+    predict.main([*argv, "--overwrite", "True", "--unassign_thres", "0.9"])
+    assert calls == [4] * 7 + [2]
+
+
 @pytest.mark.parametrize("flag, value", [("--plots", "True"), ("--majority_voting", "True"), ("--attention", "type"),
                                          ("--embeddings", "True"), ("--preprocess", "True")])
 def test_flags_that_need_every_cell_are_refused_in_one_sentence(query, tmp_path, flag, value):
