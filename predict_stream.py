@@ -162,6 +162,9 @@ def _open_backed(path: str, recipe: str):
                           f"preprocess.py {recipe}or a shard folder") from err
     if adata.n_obs == 0 or adata.n_vars == 0 or adata.X is None:
         raise ScbertError(f"{path!r} holds no expression matrix ({adata.n_obs} x {adata.n_vars}): check the input")
+    if getattr(adata.X, "format", "csr") == "csc":
+        raise ScbertError(f"{path!r} stores X by columns (CSC), so a block of rows means reading all of it: write it "
+                          "by rows (adata.X = adata.X.tocsr()) or drop --backed")
     return adata
 
 

@@ -130,6 +130,18 @@ def test_flags_that_need_every_cell_are_refused_in_one_sentence(query, tmp_path,
     assert not list(tmp_path.iterdir())
 
 
+def test_a_column_stored_matrix_is_refused_for_backed_reading(query, tmp_path):
+    import anndata as ad
+    import scipy.sparse as sp
+
+    adata = ad.read_h5ad(query["h5ad"])
+    adata.X = sp.csc_matrix(adata.X)
+    adata.write_h5ad(tmp_path / "csc.h5ad")
+    with pytest.raises(ScbertError, match="CSC.*tocsr"):
+        predict.main(["--data_path", str(tmp_path / "csc.h5ad"), "--backed", "True", "--model_path", query["ckpt"],
+                      "--device", "cpu"])
+
+
 def test_genes_of_another_model_are_refused(query, tmp_path):
     other = tmp_path / "other.pth"
     save_checkpoint(checkpoint_payload(tiny_model(), genes=[f"X{i}" for i in range(len(GENES))], classes=CLASSES,
