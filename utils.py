@@ -162,7 +162,10 @@ def looks_like_counts(data: np.ndarray) -> bool:
 def check_expression(matrix, *, name: str) -> sp.csr_matrix:
     """The expression matrix as CSR float32, checked to hold log2(1 + CP10K) values: finite, not negative, not raw
     counts. name: how messages call the data (e.g. the file's path)."""
-    matrix = sp.csr_matrix(matrix, dtype=np.float32) if not sp.isspmatrix_csr(matrix) else matrix.astype(np.float32)
+    # No copy of a CSR float32 matrix (a preprocess.py output already is one): a second copy of X at load would double
+    # the memory every rank needs for an in-memory corpus.
+    matrix = (sp.csr_matrix(matrix, dtype=np.float32) if not sp.isspmatrix_csr(matrix)
+              else matrix.astype(np.float32, copy=False))
     values = matrix.data
     if not np.isfinite(values).all():
         raise ScbertError(f"{name} contains NaN or infinite expression values: fix the input and rerun preprocess.py")

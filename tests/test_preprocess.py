@@ -201,6 +201,11 @@ def test_output_passes_the_shared_input_check(tmp_path, ref_file):
     )
     adata = read_preprocessed(str(out), genes=REF)
     assert adata.n_obs == 3
+    # preprocess.py writes CSR float32, and the check keeps that matrix: no second copy of X per rank at load.
+    from utils import check_expression
+
+    assert check_expression(adata.X, name="x") is adata.X
+    assert check_expression(adata.X.astype(np.float64), name="x").dtype == np.float32
 
 
 # ------------------------------------------------------------------ the numbers, in-process
