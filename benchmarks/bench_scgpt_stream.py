@@ -19,7 +19,6 @@ in-memory one grows with the corpus. Results: stdout and `--json` (default bench
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -37,7 +36,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_shards import _status, synthetic_block  # noqa: E402
 
-from utils import ScbertError, atomic_write_bytes, run_cli  # noqa: E402
+from utils import ScbertError, run_cli, write_json  # noqa: E402
 
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "bench_scgpt_stream.json"
 GENES, NNZ, DONORS, BLOCK = 20000, 800, 8, 16384
@@ -109,8 +108,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         results[f"{kind}_peak_ratio"] = ratio
         print(f"{kind.replace('_', ' ')}: peak RSS at {sizes[-1]:,} vs {sizes[0]:,} cells {ratio:.2f}x")
     results["load_after"] = os.getloadavg()
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    atomic_write_bytes(args.json, (json.dumps(results, indent=2) + "\n").encode("utf-8"))
+    write_json(args.json, results)
     return results
 
 

@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from shards import ShardCorpus, ShardWriter  # noqa: E402
-from utils import ScbertError, atomic_write_bytes, run_cli  # noqa: E402
+from utils import ScbertError, run_cli, write_json  # noqa: E402
 
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "bench_shards.json"
 BLOCK = 16384
@@ -302,8 +302,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         slowest = min(r["loader_cells_per_s"] for r in results["sizes"].values())
         print(f"slowest loader {slowest:.0f} cells/s = {slowest / results['model_cells_per_s']:.0f}x the model's")
     results["load_after"] = os.getloadavg()
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    atomic_write_bytes(args.json, (json.dumps(results, indent=2) + "\n").encode("utf-8"))
+    write_json(args.json, results)
     return results
 
 
