@@ -56,9 +56,10 @@ class BatchSums:
                 self.squares[name] = np.zeros(self.n_genes, dtype=np.float64)
             data = rows.data.astype(np.float64)
             self.cells[name] += rows.shape[0]
-            self.sums[name] += np.bincount(rows.indices, weights=data, minlength=self.n_genes)
+            sums = np.bincount(rows.indices, weights=data, minlength=self.n_genes)
+            self.sums[name] += sums
             self.squares[name] += np.bincount(rows.indices, weights=data * data, minlength=self.n_genes)
-            self.gene_totals += np.bincount(rows.indices, weights=data, minlength=self.n_genes)
+            self.gene_totals += sums
 
     def fit(self, genes: np.ndarray, span: float) -> ClippedFit:
         """The loess fit of every batch over the genes `genes` (indices, ascending: those scanpy would see after

@@ -160,8 +160,9 @@ def _bin_into(writer, inputs: _Inputs, kept: list[str], chosen: np.ndarray | Non
         cells_in += x.shape[0]
         without_counts += int((~has).sum())
         rows = np.flatnonzero(has)
-        cell_totals = np.asarray(x[rows].sum(axis=1), dtype=np.float32).ravel()
-        x = sp.csr_matrix(x[rows][:, chosen]) if chosen is not None else sp.csr_matrix(x[rows] @ mapping)
+        x = x[rows]
+        cell_totals = np.asarray(x.sum(axis=1), dtype=np.float32).ravel()
+        x = sp.csr_matrix(x[:, chosen]) if chosen is not None else sp.csr_matrix(x @ mapping)
         nonempty = np.diff(x.indptr) > 0
         empty += int((~nonempty).sum())
         if not nonempty.any():
